@@ -1,0 +1,292 @@
+"""The QuantPlan: one ordered row per quantizable layer, the only thing callbacks hand to each other.
+
+A plan is plain data. ``LayerSpec`` is measured once from the model (parameters, MACs, activation sizes) and
+never changes; ``LayerPlan`` holds what a policy decided (bit widths) and what a probe measured (sensitivities).
+Plans round-trip through YAML, so an allocation can be saved, reviewed, edited by hand and re-applied with the
+``FromFile`` policy.
+
+Bit widths are integers; ``None`` means "not quantized" (the layer runs in FP32).
+
+Example:
+    >>> spec = LayerSpec(name="fc", kind="linear", params=20, macs=20, act_in=4, act_out=5, weight_shape=(5, 4))
+    >>> plan = QuantPlan([spec])
+    >>> plan["fc"].w_bits = 4
+    >>> QuantPlan.from_dict(plan.to_dict())["fc"].w_bits
+    4
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 16)
+"""Bit widths a layer's weights or input activations may take; ``None`` (off) is allowed too."""
+
+FLOAT_BITS = 32
+"""Width used for accounting (energy, size) when a tensor is not quantized."""
+
+PLAN_FORMAT_VERSION = 1
+
+
+def validate_bits(bits: int | None, what: str = "bits") -> int | None:
+    """Return ``bits`` unchanged if it is a supported bit width or ``None``; raise a clear error otherwise.
+
+    Args:
+        bits: Candidate bit width, or ``None`` for "not quantized".
+        what: Name of the option, used in the error message.
+
+    Raises:
+        ValueError: If ``bits`` is not one of :data:`SUPPORTED_BITS` or ``None``.
+    """
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"{what}={bits!r} is not supported: use one of {list(SUPPORTED_BITS)}, or null to leave the tensor in FP32."
+        )
+    return bits
+
+
+def effective_bits(bits: int | None) -> int:
+    """Bits used for accounting: the bit width itself, or :data:`FLOAT_BITS` when the tensor is not quantized."""
+    return FLOAT_BITS if bits is None else bits
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a quantizable layer is; measured once from the model with a dummy input.
+
+    Attributes:
+        name: Fully qualified module name, the key everywhere.
+        kind: ``"conv2d"`` or ``"linear"``.
+        params: Number of weights (bias excluded: biases stay in 32 bits).
+        macs: Multiply-accumulates per image.
+        act_in: Input activation elements per image.
+        act_out: Output activation elements per image.
+        weight_shape: Shape of the weight tensor.
+    """
+
+    name: str
+    kind: str
+    params: int
+    macs: int
+    act_in: int
+    act_out: int
+    weight_shape: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for YAML/JSON."""
+        data = asdict(self)
+        data["weight_shape"] = list(self.weight_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerSpec:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            name=str(data["name"]),
+            kind=str(data["kind"]),
+            params=int(data["params"]),
+            macs=int(data["macs"]),
+            act_in=int(data["act_in"]),
+            act_out=int(data["act_out"]),
+            weight_shape=tuple(int(d) for d in data.get("weight_shape", ())),
+        )
+
+
+@dataclass
+class LayerPlan:
+    """What a policy decided for one layer, and what a probe measured for it.
+
+    Attributes:
+        w_bits: Weight bit width, or ``None`` for FP32 weights.
+        a_bits: Input-activation bit width, or ``None`` for FP32 inputs.
+        pinned: True when the bit widths were fixed by configuration (first/last layer, overrides), so that
+            allocation policies leave them alone.
+        sensitivity: ``{"w": {bits: score}, "a": {bits: score}}`` from a :class:`SensitivityProbe`.
+    """
+
+    w_bits: int | None = 8
+    a_bits: int | None = 8
+    pinned: bool = False
+    sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for YAML/JSON (sensitivity keys become ints, values plain floats)."""
+        return {
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "pinned": self.pinned,
+            "sensitivity": {
+                kind: {int(b): float(s) for b, s in sorted(scores.items())} for kind, scores in self.sensitivity.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerPlan:
+        """Inverse of :meth:`to_dict`; validates the bit widths."""
+        sens = data.get("sensitivity") or {}
+        return cls(
+            w_bits=validate_bits(data.get("w_bits"), "w_bits"),
+            a_bits=validate_bits(data.get("a_bits"), "a_bits"),
+            pinned=bool(data.get("pinned", False)),
+            sensitivity={str(k): {int(b): float(s) for b, s in v.items()} for k, v in sens.items()},
+        )
+
+
+class QuantPlan:
+    """Ordered table ``name -> (LayerSpec, LayerPlan)`` for every quantizable layer of a model.
+
+    Args:
+        specs: The measured layers, in model order.
+        layers: Optional decisions per layer name; missing ones get a default :class:`LayerPlan`.
+    """
+
+    def __init__(self, specs: list[LayerSpec], layers: Mapping[str, LayerPlan] | None = None) -> None:
+        self.specs: dict[str, LayerSpec] = {spec.name: spec for spec in specs}
+        if len(self.specs) != len(specs):
+            raise ValueError("QuantPlan: layer names must be unique")
+        layers = dict(layers or {})
+        unknown = set(layers) - set(self.specs)
+        if unknown:
+            raise ValueError(f"QuantPlan: decisions given for unknown layers {sorted(unknown)}")
+        self.layers: dict[str, LayerPlan] = {name: layers.get(name, LayerPlan()) for name in self.specs}
+
+    # ----------------------------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        return self.layers[name]
+
+    @property
+    def names(self) -> list[str]:
+        """Layer names in model order."""
+        return list(self.specs)
+
+    def items(self) -> Iterator[tuple[LayerSpec, LayerPlan]]:
+        """Yield ``(spec, decision)`` pairs in model order."""
+        for name, spec in self.specs.items():
+            yield spec, self.layers[name]
+
+    def match(self, pattern: str) -> list[str]:
+        """Names selected by ``pattern``: an exact name, or ``"re:<regex>"`` matched with ``re.fullmatch``.
+
+        Raises:
+            ValueError: If the regex is invalid.
+        """
+        if pattern.startswith("re:"):
+            try:
+                regex = re.compile(pattern[3:])
+            except re.error as err:
+                raise ValueError(f"invalid layer regex {pattern!r}: {err}") from err
+            return [name for name in self.specs if regex.fullmatch(name)]
+        return [pattern] if pattern in self.specs else []
+
+    # --------------------------------------------------------------------------------------------- decisions
+    def bits(self) -> dict[str, tuple[int | None, int | None]]:
+        """The current allocation as ``{name: (w_bits, a_bits)}``."""
+        return {name: (lp.w_bits, lp.a_bits) for name, lp in self.layers.items()}
+
+    def set_bits(self, bits: Mapping[str, tuple[int | None, int | None]]) -> None:
+        """Apply an allocation ``{name: (w_bits, a_bits)}``; unknown names or unsupported widths raise."""
+        unknown = set(bits) - set(self.specs)
+        if unknown:
+            raise ValueError(f"allocation names layers that the model does not have: {sorted(unknown)}")
+        for name, (w_bits, a_bits) in bits.items():
+            self.layers[name].w_bits = validate_bits(w_bits, f"{name}.w_bits")
+            self.layers[name].a_bits = validate_bits(a_bits, f"{name}.a_bits")
+
+    # ------------------------------------------------------------------------------------------- summaries
+    def average_weight_bits(self) -> float:
+        """Parameter-weighted average weight bit width (FP32 layers count as 32)."""
+        total = sum(spec.params for spec in self.specs.values())
+        return sum(spec.params * effective_bits(lp.w_bits) for spec, lp in self.items()) / max(total, 1)
+
+    def average_act_bits(self) -> float:
+        """Input-element-weighted average activation bit width (FP32 inputs count as 32)."""
+        total = sum(spec.act_in for spec in self.specs.values())
+        return sum(spec.act_in * effective_bits(lp.a_bits) for spec, lp in self.items()) / max(total, 1)
+
+    def weight_size_mb(self) -> float:
+        """Size of the quantized layers' weights in megabytes (10^6 bytes), at their allocated bit widths."""
+        return sum(spec.params * effective_bits(lp.w_bits) for spec, lp in self.items()) / 8 / 1e6
+
+    def bit_ops(self) -> float:
+        """Bit operations per image: sum over layers of MACs x w_bits x a_bits (the HAWQ-V3 definition)."""
+        return float(sum(spec.macs * effective_bits(lp.w_bits) * effective_bits(lp.a_bits) for spec, lp in self.items()))
+
+    # -------------------------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form: ``{"version": 1, "layers": [{"spec": ..., "plan": ...}, ...]}``."""
+        return {
+            "version": PLAN_FORMAT_VERSION,
+            "layers": [{"name": spec.name, "spec": spec.to_dict(), **lp.to_dict()} for spec, lp in self.items()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantPlan:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: If the data is not a plan written by :meth:`to_dict`.
+        """
+        if not isinstance(data, Mapping) or "layers" not in data:
+            raise ValueError("not a lit_mpq plan: expected a mapping with a 'layers' list (written by plan.yaml)")
+        specs, layers = [], {}
+        for row in data["layers"]:
+            spec = LayerSpec.from_dict(row["spec"])
+            specs.append(spec)
+            layers[spec.name] = LayerPlan.from_dict(row)
+        return cls(specs, layers)
+
+    def to_yaml(self, path: str | Path) -> Path:
+        """Write the plan to ``path`` (parents created) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> QuantPlan:
+        """Read a plan written by :meth:`to_yaml`.
+
+        Raises:
+            FileNotFoundError: If the file does not exist.
+            ValueError: If the file is not a plan.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan file {str(path)!r} does not exist; give the plan.yaml written by a run")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"plan file {str(path)!r} is not valid YAML: {err}") from err
+        return cls.from_dict(data)
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One flat dict per layer (name, kind, params, MACs, bits), for tables and CSV."""
+        return [
+            {
+                "name": spec.name,
+                "kind": spec.kind,
+                "params": spec.params,
+                "macs": spec.macs,
+                "w_bits": lp.w_bits,
+                "a_bits": lp.a_bits,
+                "pinned": lp.pinned,
+            }
+            for spec, lp in self.items()
+        ]

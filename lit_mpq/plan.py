@@ -226,7 +226,9 @@ class QuantPlan:
 
     def bit_ops(self) -> float:
         """Bit operations per image: sum over layers of MACs x w_bits x a_bits (the HAWQ-V3 definition)."""
-        return float(sum(spec.macs * effective_bits(lp.w_bits) * effective_bits(lp.a_bits) for spec, lp in self.items()))
+        return float(
+            sum(spec.macs * effective_bits(lp.w_bits) * effective_bits(lp.a_bits) for spec, lp in self.items())
+        )
 
     # -------------------------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:

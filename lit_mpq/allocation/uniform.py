@@ -1,0 +1,35 @@
+"""Uniform precision: every layer at the same weight and activation bit width (the usual baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_mpq.allocation.base import Allocation, Policy
+from lit_mpq.plan import QuantPlan, validate_bits
+
+
+class Uniform(Policy):
+    """Every layer at ``w_bits`` / ``a_bits``.
+
+    Args:
+        w_bits: Weight bit width, or null for FP32 weights.
+        a_bits: Input-activation bit width, or null for FP32 activations.
+
+    Example:
+        >>> Uniform(w_bits=4, a_bits=8).describe()
+        'Uniform(W4A8)'
+    """
+
+    def __init__(self, w_bits: int | None = 8, a_bits: int | None = 8) -> None:
+        self.w_bits = validate_bits(w_bits, "Uniform.w_bits")
+        self.a_bits = validate_bits(a_bits, "Uniform.a_bits")
+
+    def allocate(self, plan: QuantPlan, energy_model: Any = None) -> Allocation:
+        """Same bits for every layer."""
+        return {name: (self.w_bits, self.a_bits) for name in plan}
+
+    def describe(self) -> str:
+        """E.g. ``Uniform(W4A8)``."""
+        w = "FP" if self.w_bits is None else self.w_bits
+        a = "FP" if self.a_bits is None else self.a_bits
+        return f"Uniform(W{w}A{a})"

@@ -1,0 +1,9 @@
+"""Lightning callbacks that run quantization during ``trainer.validate``, one per file, in pipeline order."""
+
+from lit_mpq.callbacks.allocation import BitAllocator, BitOverride
+from lit_mpq.callbacks.calibration import Calibration
+from lit_mpq.callbacks.energy import EnergyMeter
+from lit_mpq.callbacks.report import Report
+from lit_mpq.callbacks.sensitivity import SensitivityProbe
+
+__all__ = ["BitAllocator", "BitOverride", "Calibration", "EnergyMeter", "Report", "SensitivityProbe"]

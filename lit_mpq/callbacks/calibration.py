@@ -1,0 +1,94 @@
+"""The ``Calibration`` callback.
+
+Prepares the model for quantization and collects activation statistics on the calibration split.
+
+``setup`` swaps every Conv2d/Linear of the backbone for a fake-quantized twin and measures the layers into the
+module's :class:`~lit_mpq.plan.QuantPlan` (structure only: no data, no logging). ``on_validation_start`` runs
+the calibration images through the float model with the input observers recording, merges the statistics
+across ranks through their declared reductions, and leaves the quantizers off until an allocation is applied.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lit_mpq.callbacks._common import QUANT_STAGES, calibration_batches, require_plan, strategy_reduce, timer
+from lit_mpq.plan import QuantPlan
+from lit_mpq.quant.apply import QuantSettings, measure_layers, quantize_model, set_mode
+from lit_mpq.quant.observers import sync_observers
+
+
+class Calibration(Callback):
+    """Insert quantizers and calibrate activation ranges before the measured validation pass.
+
+    Args:
+        num_samples: Calibration images to use; default: all of the datamodule's calibration split
+            (``num_calibration_samples``).
+        act_observer: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        percentile: Percentile kept by the ``"percentile"`` observer (e.g. 99.9, 99.99).
+        act_symmetric: Signed symmetric activation range instead of asymmetric (unsigned with zero point).
+        weight_observer: ``"minmax"`` or ``"mse"`` (clipping searched on the weights themselves).
+        weight_granularity: ``"per_channel"`` or ``"per_tensor"``.
+
+    Raises:
+        ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        act_observer: str = "minmax",
+        percentile: float = 99.99,
+        act_symmetric: bool = False,
+        weight_observer: str = "minmax",
+        weight_granularity: str = "per_channel",
+    ) -> None:
+        if num_samples is not None and num_samples <= 0:
+            raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
+        self.num_samples = num_samples
+        self.settings = QuantSettings(
+            weight_granularity=weight_granularity,
+            weight_observer=weight_observer,
+            act_observer=act_observer,
+            act_symmetric=act_symmetric,
+            percentile=percentile,
+        )
+        self._calibrated = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in QUANT_STAGES or getattr(pl_module, "plan", None) is not None:
+            return
+        quantize_model(pl_module.model, self.settings)
+        size = getattr(trainer.datamodule, "input_size", None) or pl_module.input_size
+        device = next(pl_module.parameters()).device
+        pl_module.plan = QuantPlan(measure_layers(pl_module.model, torch.zeros(1, *size, device=device)))
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._calibrated or trainer.sanity_checking:
+            return
+        require_plan(pl_module, "Calibration")
+        start = timer()
+        set_mode(pl_module.model, weights="off", activations="observe")
+        seen = 0
+        try:
+            for x in calibration_batches(trainer, "calibration", self.num_samples):
+                pl_module(x)
+                seen += int(x.shape[0])
+        finally:
+            set_mode(pl_module.model, weights="off", activations="off")
+        sync_observers(pl_module.model, strategy_reduce(trainer))
+        total = int(strategy_reduce(trainer)(torch.tensor(seen, dtype=torch.int64), "sum"))
+        self._calibrated = True
+        pl_module.results["calibration"] = {
+            "images": total,
+            "images_this_rank": seen,
+            "seconds": timer() - start,
+            **vars(self.settings),
+        }
+        pl_module.log("calib/num_images", float(total), sync_dist=False)
+        pl_module.log("time/calibration_s", pl_module.results["calibration"]["seconds"])

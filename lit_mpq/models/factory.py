@@ -1,0 +1,427 @@
+"""Build a backbone by name from our registry, torchvision or timm, and load local checkpoints.
+
+Name resolution in :func:`create_backbone`:
+
+1. a name registered with :func:`~lit_mpq.models.registry.register_backbone` (``cifar_resnet20``, ``digits_cnn``...);
+2. ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) goes to ``torchvision.models.get_model``;
+3. anything else goes to ``timm.create_model`` (``timm:<name>`` forces timm when a name is ambiguous).
+
+This project's machines are offline. Pretrained downloads therefore start with a quick reachability check of the
+weight host; when it cannot be reached, weights already in the local cache still load, and otherwise one
+:class:`PretrainedWeightsUnavailableError` says how to point ``checkpoint_path`` at local weights instead.
+
+Example:
+    >>> model = create_backbone("cifar_resnet20")
+    >>> backbone_input_size(model)
+    (3, 32, 32)
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pickle
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from lit_mpq.models.registry import get_backbone_fn, is_backbone, list_backbones
+
+__all__ = [
+    "HF_HUB_HOST",
+    "TORCHVISION_HOST",
+    "TORCHVISION_PREFIX",
+    "PretrainedWeightsUnavailableError",
+    "backbone_input_size",
+    "create_backbone",
+    "is_host_reachable",
+    "load_checkpoint",
+]
+
+TORCHVISION_PREFIX = "torchvision:"
+"""Prefix that routes a name to ``torchvision.models.get_model``."""
+TIMM_PREFIX = "timm:"
+"""Optional prefix that routes a name to ``timm.create_model``."""
+HF_HUB_HOST = "huggingface.co"
+"""Host of timm's pretrained weights (Hugging Face Hub)."""
+TORCHVISION_HOST = "download.pytorch.org"
+"""Host of torchvision's pretrained weights."""
+REACHABILITY_TIMEOUT_S = 3.0
+"""Seconds the reachability check waits for a TCP connection (DNS lookup included)."""
+DEFAULT_INPUT_SIZE: tuple[int, int, int] = (3, 224, 224)
+"""Input size assumed for a model that declares none (the torchvision ImageNet default)."""
+
+_TIMM_PASSTHROUGH_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+_STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
+_MAX_LISTED_KEYS = 5
+
+
+class PretrainedWeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded (typically: no network) and are not in the local cache."""
+
+
+def is_host_reachable(host: str, port: int = 443, timeout: float = REACHABILITY_TIMEOUT_S) -> bool:
+    """Return whether a TCP connection to ``host:port`` opens within ``timeout`` seconds.
+
+    The DNS lookup runs inside the same time limit (in a daemon thread), so the check never hangs on a slow or
+    absent resolver. Tests may monkeypatch this function.
+
+    Args:
+        host: Host name, e.g. ``"huggingface.co"``.
+        port: TCP port.
+        timeout: Seconds to wait in total.
+
+    Returns:
+        ``True`` if the connection opened in time, else ``False``.
+    """
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name=f"reachability-{host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    checkpoint_path: str | None = None,
+) -> nn.Module:
+    """Build a backbone by name.
+
+    Args:
+        name: A lit_mpq backbone (see :func:`~lit_mpq.models.registry.list_backbones`), ``torchvision:<name>``
+            (see ``torchvision.models.list_models()``) or a timm model (see ``timm.list_models()``).
+        pretrained: Download (or take from the local cache) the library's pretrained weights. lit_mpq's own
+            backbones ship no weights: use ``checkpoint_path`` for them.
+        num_classes: Output classes; ``None`` keeps the model's default (10 for lit_mpq backbones, 1000 for
+            ImageNet models).
+        checkpoint_path: Local weights (a plain state_dict or a Lightning ``.ckpt``) loaded with ``strict=True``
+            after the model is built. When given, nothing is downloaded, whatever ``pretrained`` says.
+
+    Returns:
+        The model, in training mode as the library returns it.
+
+    Raises:
+        ValueError: If the name is unknown, ``num_classes`` is not positive, or a lit_mpq backbone is asked for
+            ``pretrained=True`` without ``checkpoint_path``.
+        PretrainedWeightsUnavailableError: If pretrained weights cannot be downloaded and are not cached.
+        FileNotFoundError: If ``checkpoint_path`` does not exist.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty backbone name, got {name!r}. {_where_to_find_names()}")
+    name = name.strip()
+    if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+        raise ValueError(f"num_classes must be a positive integer or null (model default), got {num_classes!r}.")
+    download = pretrained and checkpoint_path is None
+
+    if is_backbone(name):
+        if pretrained and checkpoint_path is None:
+            raise ValueError(
+                f"Backbone {name!r} is defined by lit_mpq and has no downloadable weights, so pretrained=True needs "
+                f"a local file: pass checkpoint_path (e.g. checkpoint_path: ../shared/data/cifar10_resnet20.pt), "
+                f"or set pretrained: false to start from random weights."
+            )
+        fn = get_backbone_fn(name)
+        model = fn() if num_classes is None else fn(num_classes=num_classes)
+    elif name.startswith(TORCHVISION_PREFIX):
+        model = _create_torchvision(name, name[len(TORCHVISION_PREFIX) :], download, num_classes)
+    else:
+        timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
+        model = _create_timm(name, timm_name, download, num_classes)
+
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path, strict=True)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Load local weights into ``model`` in place.
+
+    Accepts a plain state_dict file, a Lightning checkpoint (a dict with ``"state_dict"``) or a dict with
+    ``"model"``. Leading ``model.`` (our LightningModule stores the backbone as ``self.model``), ``module.``
+    (DataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes are stripped when that makes the keys match.
+
+    Args:
+        model: The model to fill.
+        path: Path of the file.
+        strict: Require the keys to match exactly (as ``nn.Module.load_state_dict``). Shapes must match either way.
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file holds no state_dict, or its keys or shapes do not fit ``model`` (up to five of
+            each kind are listed).
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint file not found: '{file}'. Pass the path of a saved state_dict (.pt/.pth) or of a Lightning "
+            f"checkpoint (.ckpt)."
+        )
+    state = _extract_state_dict(_torch_load(file), file)
+    expected = model.state_dict()
+    state = _strip_known_prefixes(state, expected.keys())
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"{len(missing)} missing key(s): {_first(missing)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_first(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_first(mismatched)}")
+    if problems:
+        raise ValueError(
+            f"Checkpoint '{file}' does not fit {type(model).__name__}: " + "; ".join(problems) + ". Check that the "
+            "backbone name and num_classes match the ones the checkpoint was saved with."
+        )
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def backbone_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """Return the ``(C, H, W)`` input a backbone expects.
+
+    Looks at ``model.default_input_size`` (lit_mpq backbones), then timm's ``model.pretrained_cfg["input_size"]``,
+    and falls back to the torchvision ImageNet default ``(3, 224, 224)``.
+
+    Args:
+        model: A backbone.
+
+    Returns:
+        Channels, height and width.
+    """
+    size: Any = getattr(model, "default_input_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+        if isinstance(cfg, Mapping):
+            size = cfg.get("input_size")
+    if size is None:
+        return DEFAULT_INPUT_SIZE
+    size = tuple(int(s) for s in size)
+    assert len(size) == 3, f"input size must be (C, H, W), got {size}"
+    return size  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torchvision and timm
+
+
+def _create_torchvision(name: str, tv_name: str, download: bool, num_classes: int | None) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if tv_name not in available:
+        close = difflib.get_close_matches(tv_name, available, n=3)
+        hint = f" Did you mean: {', '.join(TORCHVISION_PREFIX + c for c in close)}?" if close else ""
+        raise ValueError(
+            f"Unknown torchvision model {tv_name!r} (from {name!r}).{hint} List the names with "
+            f"torchvision.models.list_models() and write them as 'torchvision:<name>'."
+        )
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if not download:
+        return torchvision.models.get_model(tv_name, weights=None, **kwargs)
+
+    weights = torchvision.models.get_model_weights(tv_name).DEFAULT
+    if not is_host_reachable(TORCHVISION_HOST):
+        cached = _torch_hub_cache_file(weights.url)
+        if not cached.is_file():
+            raise PretrainedWeightsUnavailableError(
+                _unavailable_message(name, f"{TORCHVISION_HOST} is unreachable and '{cached}' is not cached")
+            ) from None
+    try:
+        return torchvision.models.get_model(tv_name, weights="DEFAULT", **kwargs)
+    except _network_errors() as exc:
+        raise PretrainedWeightsUnavailableError(_unavailable_message(name, _short(exc))) from None
+
+
+def _create_timm(name: str, timm_name: str, download: bool, num_classes: int | None) -> nn.Module:
+    import timm
+
+    if not timm_name.startswith(_TIMM_PASSTHROUGH_PREFIXES) and not timm.is_model(timm_name):
+        raise ValueError(_unknown_message(name, timm.list_models()))
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if not download:
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    url = getattr(cfg, "url", None) or ""
+    offline: Any = nullcontext()
+    reason = ""
+    if cfg is None or getattr(cfg, "hf_hub_id", None) or timm_name.startswith(_TIMM_PASSTHROUGH_PREFIXES):
+        if not is_host_reachable(HF_HUB_HOST):
+            offline = _hf_hub_offline()  # weights already in the Hugging Face cache still load
+            reason = f"{HF_HUB_HOST} is unreachable and the Hugging Face cache does not hold them"
+    elif url:
+        host = urlparse(url).hostname or ""
+        cached = _torch_hub_cache_file(url)
+        if not cached.is_file() and not is_host_reachable(host):
+            raise PretrainedWeightsUnavailableError(
+                _unavailable_message(name, f"{host} is unreachable and '{cached}' is not cached")
+            ) from None
+    try:
+        with offline:
+            return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except _network_errors() as exc:
+        raise PretrainedWeightsUnavailableError(_unavailable_message(name, reason or _short(exc))) from None
+
+
+@contextmanager
+def _hf_hub_offline() -> Iterator[None]:
+    """Put the Hugging Face Hub client in offline mode (cache only) for the duration of the block."""
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        hf_constants = None
+    old_const = getattr(hf_constants, "HF_HUB_OFFLINE", None)
+    if hf_constants is not None:
+        hf_constants.HF_HUB_OFFLINE = True  # read at import time, so the env var alone is not enough
+    try:
+        yield
+    finally:
+        if hf_constants is not None:
+            hf_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError]  # URLError, ConnectionError, TimeoutError, LocalEntryNotFoundError
+    for module, attr in (
+        ("huggingface_hub.errors", "HfHubHTTPError"),
+        ("huggingface_hub.errors", "OfflineModeIsEnabled"),
+        ("httpx", "HTTPError"),
+        ("requests", "RequestException"),
+    ):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[attr]), attr))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _torch_hub_cache_file(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _unavailable_message(name: str, reason: str) -> str:
+    return (
+        f"Pretrained weights for {name!r} could not be downloaded ({reason}; is this machine offline?) and are not "
+        f"in the local cache. Supply a local checkpoint instead, e.g. in the model config:\n"
+        f"    checkpoint_path: /path/to/weights.pth   # a plain state_dict or a Lightning .ckpt\n"
+        f"    pretrained: false"
+    )
+
+
+def _unknown_message(name: str, timm_names: list[str]) -> str:
+    ours = list_backbones()
+    close = difflib.get_close_matches(name, ours, n=3, cutoff=0.5)
+    if len(close) < 3:
+        close += difflib.get_close_matches(name, timm_names, n=3 - len(close))
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return (
+        f"Unknown backbone {name!r}.{hint} lit_mpq backbones: {', '.join(ours)}. timm models are passed by name "
+        f"(list them with timm.list_models('*pattern*'), e.g. 'deit_tiny_patch16_224'); torchvision models need "
+        f"the 'torchvision:' prefix (list them with torchvision.models.list_models(), e.g. 'torchvision:resnet18')."
+    )
+
+
+def _where_to_find_names() -> str:
+    return (
+        f"Use a lit_mpq backbone ({', '.join(list_backbones())}), a timm name (timm.list_models()) or "
+        f"'torchvision:<name>' (torchvision.models.list_models())."
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def _torch_load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if file.suffix == ".ckpt":
+            # Lightning checkpoints may pickle hyperparameters that weights_only refuses; only trust .ckpt files.
+            return torch.load(file, map_location="cpu", weights_only=False)
+        if isinstance(exc, pickle.UnpicklingError):
+            raise ValueError(
+                f"Could not load '{file}' with torch.load(weights_only=True): {_short(exc)}. Save the weights with "
+                f"torch.save(model.state_dict(), path), or, for a trusted Lightning checkpoint, use a .ckpt suffix."
+            ) from None
+        raise ValueError(f"Could not read checkpoint '{file}': {_short(exc)}.") from None
+
+
+def _extract_state_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return dict(inner)
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+    raise ValueError(
+        f"'{file}' holds no state_dict (found {type(obj).__name__}"
+        + (f" with keys {_first(list(obj.keys()))}" if isinstance(obj, Mapping) else "")
+        + "). Expected a plain state_dict or a Lightning checkpoint with a 'state_dict' entry."
+    )
+
+
+def _strip_known_prefixes(state: dict[str, torch.Tensor], expected: Any) -> dict[str, torch.Tensor]:
+    expected = set(expected)
+
+    def overlap(sd: Mapping[str, Any]) -> int:
+        return sum(k in expected for k in sd)
+
+    improved = True
+    while improved:
+        improved = False
+        score = overlap(state)
+        for prefix in _STRIP_PREFIXES:
+            carrying = [k for k in state if k.startswith(prefix)]
+            if not carrying:
+                continue
+            stripped = {k[len(prefix) :]: state[k] for k in carrying}
+            new_score = overlap(stripped)
+            if new_score > score or (new_score == score and len(carrying) == len(state)):
+                state, improved = stripped, True
+                break
+    return state
+
+
+def _first(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED_KEYS])
+    return shown + (f", ... ({len(items) - _MAX_LISTED_KEYS} more)" if len(items) > _MAX_LISTED_KEYS else "")

@@ -1,0 +1,140 @@
+"""MPQModule: the LightningModule that wraps any image classifier for quantized evaluation (and FP32 training).
+
+The backbone is built from a registry *name* (timm, ``torchvision:<name>``, or lit_mpq's own models) so the
+module's hyperparameters stay plain strings. Quantization is not done here: callbacks swap the backbone's
+layers for fake-quantized twins, and this module only evaluates whatever the backbone is, with torchmetrics,
+optionally next to an FP32 reference computed in the same pass (quantizers temporarily off).
+
+``fit`` trains the backbone in plain FP32 (SGD with momentum, cosine schedule); the embedded default's
+checkpoint is produced that way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_mpq.models import backbone_input_size, create_backbone
+from lit_mpq.plan import QuantPlan
+from lit_mpq.quant.apply import quant_layer_names, quantizers_mode
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class MPQModule(LightningModule):
+    """Image classifier under mixed-precision quantization.
+
+    Args:
+        backbone: Model name: one of lit_mpq's registry (``cifar_resnet20``, ``digits_cnn``, ...), a timm name
+            (``deit_tiny_patch16_224``, ``resnet18``), or ``torchvision:<name>``.
+        pretrained: Load the library's pretrained weights (needs a network for timm/torchvision).
+        checkpoint_path: Local weights to load: a plain state_dict or a Lightning checkpoint.
+        num_classes: Output classes; default: the backbone's own.
+        fp32_reference: Also evaluate the unquantized model in the same validation pass (``val/top1_fp32``).
+        optimizer: ``"sgd"`` (momentum 0.9, nesterov) or ``"adamw"``, for ``fit``.
+        lr: Peak learning rate for ``fit`` (cosine-annealed over ``trainer.max_epochs``).
+        weight_decay: Weight decay for ``fit``.
+
+    Raises:
+        ValueError: On an unknown optimizer or a non-positive learning rate.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "digits_cnn",
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        num_classes: int | None = None,
+        fp32_reference: bool = True,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        weight_decay: float = 5e-4,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r} unknown; choose one of {list(OPTIMIZERS)}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.save_hyperparameters()
+        self.model = create_backbone(
+            backbone, pretrained=pretrained, num_classes=num_classes, checkpoint_path=checkpoint_path
+        )
+        self.input_size: tuple[int, int, int] = backbone_input_size(self.model)
+        self.num_classes = num_classes or self._infer_num_classes()
+        top_k = min(5, self.num_classes)
+        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top_k, average="micro")
+        self.val_top1_fp32 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.val_top5_fp32 = MulticlassAccuracy(self.num_classes, top_k=top_k, average="micro")
+        self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        self.plan: QuantPlan | None = None
+        """Set by the ``Calibration`` callback; read and written by the other callbacks."""
+        self.results: dict[str, Any] = {}
+        """Numbers the callbacks hand to the ``Report`` callback (timings, energy, policy)."""
+
+    @torch.no_grad()
+    def _infer_num_classes(self) -> int:
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model(torch.zeros(1, *self.input_size))
+        self.model.train(was_training)
+        return int(out.shape[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the backbone (quantized or not, as its quantizers are set)."""
+        return self.model(x)
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether callbacks have swapped in fake-quantized layers."""
+        return bool(quant_layer_names(self.model))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Cross-entropy on a training batch."""
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_top1(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Quantized top-1/top-5 (and the FP32 reference when enabled) on a validation batch."""
+        x, y = batch
+        logits = self(x)
+        self.val_top1(logits, y)
+        self.val_top5(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        self.log("val/top1", self.val_top1, on_epoch=True)
+        self.log("val/top5", self.val_top5, on_epoch=True)
+        if self.hparams.fp32_reference:
+            if self.is_quantized:
+                with quantizers_mode(self.model, "off"):
+                    logits = self(x)
+            self.val_top1_fp32(logits, y)
+            self.val_top5_fp32(logits, y)
+            self.log("val/top1_fp32", self.val_top1_fp32, on_epoch=True)
+            self.log("val/top5_fp32", self.val_top5_fp32, on_epoch=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Same as :meth:`validation_step`."""
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> Any:
+        """SGD or AdamW with a cosine schedule over ``trainer.max_epochs``."""
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True, weight_decay=hp.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        epochs = max(int(self.trainer.max_epochs or 1), 1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -32,6 +32,8 @@ class Calibration(Callback):
         act_symmetric: Signed symmetric activation range instead of asymmetric (unsigned with zero point).
         weight_observer: ``"minmax"`` or ``"mse"`` (clipping searched on the weights themselves).
         weight_granularity: ``"per_channel"`` or ``"per_tensor"``.
+        bias_correction: Empirical bias correction of weight quantization (Nagel et al., ICCV 2019), from the
+            same calibration pass.
 
     Raises:
         ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
@@ -45,6 +47,7 @@ class Calibration(Callback):
         act_symmetric: bool = False,
         weight_observer: str = "minmax",
         weight_granularity: str = "per_channel",
+        bias_correction: bool = False,
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -55,6 +58,7 @@ class Calibration(Callback):
             act_observer=act_observer,
             act_symmetric=act_symmetric,
             percentile=percentile,
+            bias_correction=bias_correction,
         )
         self._calibrated = False
 

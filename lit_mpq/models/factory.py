@@ -346,6 +346,13 @@ def _unknown_message(name: str, timm_names: list[str]) -> str:
     close = difflib.get_close_matches(name, ours, n=3, cutoff=0.5)
     if len(close) < 3:
         close += difflib.get_close_matches(name, timm_names, n=3 - len(close))
+    try:
+        import torchvision
+
+        if name in torchvision.models.list_models():
+            close.insert(0, TORCHVISION_PREFIX + name)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return (
         f"Unknown backbone {name!r}.{hint} lit_mpq backbones: {', '.join(ours)}. timm models are passed by name "

@@ -39,6 +39,7 @@ class QuantSettings:
         act_observer: ``"minmax"``, ``"percentile"`` or ``"mse"``.
         act_symmetric: Signed symmetric activation range; asymmetric (unsigned with zero point) otherwise.
         percentile: Percentile kept by the ``"percentile"`` activation observer.
+        bias_correction: Correct the output shift caused by weight quantization with calibration statistics.
     """
 
     weight_granularity: str = "per_channel"
@@ -47,6 +48,7 @@ class QuantSettings:
     act_observer: str = "minmax"
     act_symmetric: bool = False
     percentile: float = 99.99
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in GRANULARITIES:
@@ -79,7 +81,14 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
         Fully qualified names of the quantized layers, in model order.
     """
     filter_fn = filter_fn or _default_filter
-    targets = [(name, module) for name, module in model.named_modules() if name and filter_fn(module, name)]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and not is_quant_layer(module) and filter_fn(module, name)
+    ]
+    unsupported = [name for name, module in targets if not isinstance(module, nn.Conv2d | nn.Linear)]
+    if unsupported:
+        raise ValueError(f"only nn.Conv2d and nn.Linear layers can be quantized; filter_fn selected {unsupported[:5]}")
     for name, module in targets:
         weight_quantizer = WeightQuantizer(
             symmetric=settings.weight_symmetric,
@@ -92,7 +101,10 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cls.from_float(module, weight_quantizer, input_quantizer))
+        layer = cls.from_float(module, weight_quantizer, input_quantizer)
+        if settings.bias_correction:
+            layer.enable_bias_correction()
+        setattr(parent, child, layer)
     return quant_layer_names(model)
 
 

@@ -11,7 +11,7 @@ Example:
     >>> qmin, qmax = quant_range(4, symmetric=True)
     >>> scale, zp = qparams_from_range(torch.tensor(-1.0), torch.tensor(1.0), 4, symmetric=True)
     >>> fake_quantize(torch.tensor([0.3]), scale, zp, qmin, qmax)
-    tensor([0.2857])
+    tensor([0.2667])
 """
 
 from __future__ import annotations
@@ -98,9 +98,9 @@ def fake_quantize(
 ) -> Tensor:
     """Fake-quantize ``x`` with a straight-through estimator.
 
-    The forward value is :func:`quantize_dequantize`; the gradient with respect to ``x`` is 1 where ``x`` lies
-    inside the representable range ``[(qmin - zp) * scale, (qmax - zp) * scale]`` and 0 where it is clipped,
-    which is the gradient of ``torch.fake_quantize_per_tensor_affine``.
+    The forward value is :func:`quantize_dequantize`; the gradient with respect to ``x`` is 1 where the rounded
+    level ``round(x / scale) + zp`` lies in ``[qmin, qmax]`` and 0 where it is clipped, which is the gradient of
+    ``torch.fake_quantize_per_tensor_affine``.
 
     Args:
         x: Input tensor.
@@ -120,9 +120,9 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # noqa: D102
-        s = _broadcast(scale.to(x.dtype), x, axis)
-        zp = _broadcast(zero_point.to(x.dtype), x, axis)
-        ctx.save_for_backward((x >= (qmin - zp) * s) & (x <= (qmax - zp) * s))
+        # Mask on the rounded level, as torch's fake_quantize does (not on the clipping bounds of x).
+        level = torch.round(x * _broadcast(1.0 / scale, x, axis)) + _broadcast(zero_point.to(x.dtype), x, axis)
+        ctx.save_for_backward((level >= qmin) & (level <= qmax))
         return quantize_dequantize(x, scale, zero_point, qmin, qmax, axis)
 
     @staticmethod

@@ -13,6 +13,7 @@ A quantizer's ``mode`` is ``"off"`` (pass-through), ``"observe"`` (record statis
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
@@ -64,10 +65,19 @@ class WeightQuantizer(_Quantizer):
         return self._cache[key]
 
     def quantize(self, weight: Tensor, bits: int) -> Tensor:
-        """Fake-quantize ``weight`` at ``bits`` regardless of the mode."""
+        """Fake-quantize ``weight`` at ``bits`` regardless of the mode (cached while no gradient is needed)."""
+        # Inference-mode results must not leak into gradient passes: the mode is part of the key.
+        key = ("w", bits, weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
+        frozen = not (torch.is_grad_enabled() and weight.requires_grad)
+        if frozen and key in self._cache:
+            return self._cache[key]
         scale, zero_point = self.qparams(weight, bits)
         qmin, qmax = quant_range(bits, self.symmetric)
-        return fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if self.per_channel else None)
+        quantized = fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if self.per_channel else None)
+        if frozen:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "w" or k[1] != bits}
+            self._cache[key] = quantized
+        return quantized
 
     def forward(self, weight: Tensor) -> Tensor:
         """Fake-quantized weight in ``quant`` mode, the weight itself otherwise."""
@@ -112,19 +122,79 @@ class ActivationQuantizer(_Quantizer):
         return self.quantize(x, self.bits)
 
 
+class BiasCorrection(nn.Module):
+    """Empirical bias correction for weight quantization (Nagel et al., "Data-free quantization", ICCV 2019).
+
+    Quantizing weights shifts each output channel's mean by ``(W - W_q) @ E[x]``; this module records ``E[x]``
+    over the calibration data (per input feature, or per input patch position of a convolution, padding
+    included) and adds the shift back. The statistics are bit-independent and merge across ranks by summation.
+    """
+
+    REDUCTIONS = {"input_sum": "sum", "count": "sum"}
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("input_sum", torch.zeros(num_features, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self._cache: dict[tuple, Tensor] = {}
+
+    def observe(self, feature_sum: Tensor, rows: int) -> None:
+        """Add the column sums ``feature_sum`` of ``rows`` input rows to the running sum."""
+        self.input_sum.add_(feature_sum.detach().double())
+        self.count.add_(rows)
+        self._cache.clear()
+
+    def correction(self, weight: Tensor, quantized: Tensor, key: tuple, groups: int = 1) -> Tensor:
+        """Per-output-channel shift ``(W - W_q) @ E[x]`` (zeros when nothing was observed), cached under ``key``."""
+        if key in self._cache:
+            return self._cache[key]
+        cout = weight.shape[0]
+        if float(self.count) == 0:
+            return torch.zeros(cout, dtype=weight.dtype, device=weight.device)
+        mean = (self.input_sum / self.count).to(weight.dtype).to(weight.device)
+        delta = (weight - quantized).detach().reshape(groups, cout // groups, -1)
+        shift = torch.einsum("gof,gf->go", delta, mean.reshape(groups, -1)).reshape(cout)
+        self._cache = {key: shift}
+        return shift
+
+
 class QuantLayerMixin:
     """What :class:`QuantConv2d` and :class:`QuantLinear` share: their quantizers and a float forward."""
 
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer
+    bias_correction: BiasCorrection | None  # set per instance by from_float: a class default would shadow modules
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         """The layer's float computation with an optional replacement weight."""
         raise NotImplementedError
 
+    def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:  # pragma: no cover - abstract
+        """Column sums of the input as ``[rows, features]`` rows matching the flattened weight, and the row count."""
+        raise NotImplementedError
+
+    def enable_bias_correction(self) -> None:
+        """Attach a :class:`BiasCorrection` (collects statistics during the next calibration)."""
+        if self.bias_correction is None:
+            features = self.weight[0].numel() * getattr(self, "groups", 1)
+            self.bias_correction = BiasCorrection(features).to(self.weight.device)
+
+    def _output_shift(self, quantized_weight: Tensor, y: Tensor) -> Tensor:
+        key = (self.weight_quantizer.bits, self.weight.data_ptr(), self.weight._version)
+        shift = self.bias_correction.correction(self.weight, quantized_weight, key, getattr(self, "groups", 1))
+        shape = [1] * y.dim()
+        shape[1 if isinstance(self, nn.Conv2d) else -1] = -1
+        return y + shift.reshape(shape)
+
     def forward(self, x: Tensor) -> Tensor:
         """Quantize the input and the weight as the quantizers' modes say, then compute."""
-        return self.float_forward(self.input_quantizer(x), self.weight_quantizer(self.weight))
+        if self.bias_correction is not None and self.input_quantizer.mode == "observe":
+            self.bias_correction.observe(*self.input_feature_sum(x.detach()))
+        weight = self.weight_quantizer(self.weight)
+        y = self.float_forward(self.input_quantizer(x), weight)
+        if self.bias_correction is not None and weight is not self.weight:
+            y = self._output_shift(weight, y)
+        return y
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -149,11 +219,20 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         layer.bias = conv.bias
         layer.weight_quantizer = weight_quantizer
         layer.input_quantizer = input_quantizer
+        layer.bias_correction = None
         return layer
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """Convolution with ``weight`` (default: the layer's own)."""
         return self._conv_forward(x, self.weight if weight is None else weight, self.bias)
+
+    def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:
+        """Column sums of im2col(x) (one row per output position); im2col is linear, so the batch is summed first."""
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise NotImplementedError("bias correction supports zero-padded convolutions with numeric padding")
+        summed = x.double().sum(dim=0, keepdim=True)
+        cols = F.unfold(summed, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        return cols[0].sum(dim=1), x.shape[0] * cols.shape[-1]
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -167,11 +246,17 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         layer.bias = linear.bias
         layer.weight_quantizer = weight_quantizer
         layer.input_quantizer = input_quantizer
+        layer.bias_correction = None
         return layer
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """Affine map with ``weight`` (default: the layer's own)."""
         return F.linear(x, self.weight if weight is None else weight, self.bias)
+
+    def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:
+        """Column sums of ``x`` flattened to ``[tokens, in_features]``, and the token count."""
+        rows = x.reshape(-1, self.in_features)
+        return rows.double().sum(dim=0), rows.shape[0]
 
 
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)

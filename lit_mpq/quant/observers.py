@@ -281,7 +281,7 @@ def build_observer(name: str, symmetric: bool = False, percentile: float = 99.99
 
 
 def sync_observers(module: nn.Module, reduce: ReduceFn) -> int:
-    """Merge every observer's statistics across ranks with its declared reductions.
+    """Merge the statistics of every module that declares ``REDUCTIONS`` (observers, bias correction) across ranks.
 
     Args:
         module: Model containing observers.
@@ -292,10 +292,11 @@ def sync_observers(module: nn.Module, reduce: ReduceFn) -> int:
         Number of observers synchronised.
     """
     count = 0
-    for observer in module.modules():
-        if isinstance(observer, Observer):
-            for name, op in observer.REDUCTIONS.items():
-                buffer = getattr(observer, name)
+    for stats in module.modules():
+        reductions = getattr(stats, "REDUCTIONS", None)
+        if reductions:
+            for name, op in reductions.items():
+                buffer = getattr(stats, name)
                 buffer.copy_(reduce(buffer.clone(), op))
             count += 1
     return count

@@ -154,7 +154,9 @@ def test_per_channel_round_trip_equals_torch(case):
     expected = torch.fake_quantize_per_channel_affine(x, scale_t, zp_t.to(torch.int32), axis, qmin, qmax)
     assert torch.equal(quantize_dequantize(x, scale_t, zp_t, qmin, qmax, axis=axis), expected)
     assert torch.equal(fake_quantize(x, scale_t, zp_t, qmin, qmax, axis=axis), expected)
-    assert torch.equal(fake_quantize(x.clone().requires_grad_(), scale_t, zp_t, qmin, qmax, axis=axis).detach(), expected)
+    assert torch.equal(
+        fake_quantize(x.clone().requires_grad_(), scale_t, zp_t, qmin, qmax, axis=axis).detach(), expected
+    )
 
 
 def test_round_half_to_even_hand_computed():

@@ -1,0 +1,446 @@
+"""Activation observers against torch.ao observers, torch.quantile, numpy histograms and brute-force range search."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.ao.quantization.observer import MinMaxObserver as AoMinMaxObserver
+
+from lit_mpq.quant.functional import qparams_from_range, quant_range, quantization_mse
+from lit_mpq.quant.observers import (
+    OBSERVERS,
+    HistogramObserver,
+    MinMaxObserver,
+    MSEObserver,
+    Observer,
+    PercentileObserver,
+    build_observer,
+    sync_observers,
+)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Small tensors, many ops: one intra-op thread is much faster on shared cores (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ALL_OBSERVERS = [MinMaxObserver, PercentileObserver, MSEObserver, HistogramObserver]
+
+
+def ao_observer(bits: int, symmetric: bool) -> AoMinMaxObserver:
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return AoMinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=qmin, quant_max=qmax)
+    return AoMinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=2**bits - 1)
+
+
+# Tensors stay under torch's parallel grain size (32768 elements) where it is cheap to, so the suite does not
+# depend on intra-op threads (slow when the cores are shared).
+
+
+def batches(seed: int = 0, n: int = 4, size: int = 1000) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, generator=gen) * (i + 1) + (i - 1.5) for i in range(n)]
+
+
+def round_trip_mse(x: torch.Tensor, low, high, bits: int, symmetric: bool) -> float:
+    scale, zp = qparams_from_range(torch.as_tensor(low), torch.as_tensor(high), bits, symmetric)
+    qmin, qmax = quant_range(bits, symmetric)
+    return quantization_mse(x, scale, zp, qmin, qmax, None).item()
+
+
+def brute_force_best_mse(x: torch.Tensor, bits: int, symmetric: bool, grid: int = 400) -> float:
+    low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    if symmetric:
+        bound = max(-low, high)
+        low, high = -bound, bound
+    return min(round_trip_mse(x, a * low, a * high, bits, symmetric) for a in np.linspace(1.0 / grid, 1.0, grid))
+
+
+# ------------------------------------------------------------------------------------------------ MinMax vs ao
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_minmax_stats_and_qparams_equal_torch_ao(symmetric):
+    obs = MinMaxObserver(symmetric=symmetric)
+    refs = {bits: ao_observer(bits, symmetric) for bits in (2, 4, 6, 8)}
+    for x in batches():
+        obs(x)
+        for ref in refs.values():
+            ref(x)
+    ref8 = refs[8]
+    assert torch.equal(obs.min_val, ref8.min_val) and torch.equal(obs.max_val, ref8.max_val)
+    for bits, ref in refs.items():
+        scale, zp = obs.qparams(bits)
+        ref_scale, ref_zp = ref.calculate_qparams()
+        assert torch.equal(scale.reshape(1), ref_scale.reshape(1)), bits
+        assert zp.reshape(1).tolist() == ref_zp.reshape(1).tolist(), bits
+
+
+def test_minmax_multidimensional_input_and_empty_batch():
+    obs = MinMaxObserver()
+    x = torch.randn(2, 3, 4, 5)
+    obs(x)
+    obs(torch.empty(0, 3))  # ignored
+    assert obs.min_val.item() == x.min().item() and obs.max_val.item() == x.max().item()
+
+
+# ------------------------------------------------------------------------------------------- forward contract
+@pytest.mark.parametrize("cls", ALL_OBSERVERS)
+def test_observer_returns_its_input_unchanged(cls):
+    x = torch.randn(3, 4, 5)
+    copy = x.clone()
+    out = cls()(x)
+    assert out is x
+    assert torch.equal(x, copy)
+
+
+@pytest.mark.parametrize("cls", ALL_OBSERVERS)
+def test_qparams_before_data_raises(cls):
+    obs = cls()
+    assert not obs.has_data
+    with pytest.raises(RuntimeError, match="calibration"):
+        obs.qparams(8)
+
+
+@pytest.mark.parametrize("cls", ALL_OBSERVERS)
+def test_reset_forgets_everything(cls):
+    obs = cls()
+    for x in batches(1):
+        obs(x)
+    assert obs.has_data
+    obs.reset()
+    assert not obs.has_data
+    with pytest.raises(RuntimeError):
+        obs.qparams(8)
+    fresh = cls()
+    x = torch.randn(500) * 0.1
+    obs(x)
+    fresh(x)
+    for (name, a), (_, b) in zip(obs.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cls", ALL_OBSERVERS)
+def test_statistics_are_registered_buffers_with_declared_reductions(cls):
+    obs = cls()
+    assert isinstance(obs, Observer)
+    buffers = dict(obs.named_buffers())
+    assert set(cls.REDUCTIONS) == set(buffers)
+    assert set(cls.REDUCTIONS.values()) <= {"sum", "min", "max"}
+
+
+# ------------------------------------------------------------------------------------------------- histogram
+def test_histogram_counts_every_element():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(3000), torch.zeros(17), torch.full((5,), 1e-9), -torch.rand(100) * 1e3])
+    obs = HistogramObserver()
+    obs(x[:1000].reshape(10, 100))
+    obs(x[1000:])
+    total = obs.pos_hist.sum() + obs.neg_hist.sum() + obs.zero_count
+    assert total.item() == x.numel()
+    tiny = x.abs() < 2.0**-24
+    assert obs.zero_count.item() == int(tiny.sum())
+    assert obs.pos_hist.sum().item() == int(((x > 0) & ~tiny).sum())
+    assert obs.neg_hist.sum().item() == int(((x < 0) & ~tiny).sum())
+    assert obs.min_val.item() == x.min().item() and obs.max_val.item() == x.max().item()
+
+
+def test_histogram_bins_equal_numpy_histogram_on_fixed_edges():
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(0.0, 3.0, 20000) * rng.choice([-1.0, 1.0], 20000)
+    values = values.astype(np.float32)
+    bins_per_octave = 32
+    edges = 2.0 ** (np.arange((24 + 24) * bins_per_octave + 1) / bins_per_octave - 24)
+    # Drop values within 1e-5 (relative) of an edge, where float32 log2 may legitimately pick either side.
+    k = np.log2(np.abs(values.astype(np.float64))) * bins_per_octave
+    values = values[np.abs(k - np.round(k)) > 1e-3]
+    obs = HistogramObserver(bins_per_octave=bins_per_octave)
+    obs(torch.from_numpy(values))
+    pos, _ = np.histogram(values[values > 0].astype(np.float64), bins=edges)
+    neg, _ = np.histogram(-values[values < 0].astype(np.float64), bins=edges)
+    assert obs.pos_hist.numpy().tolist() == pos.tolist()
+    assert obs.neg_hist.numpy().tolist() == neg.tolist()
+
+
+@pytest.mark.parametrize(
+    ("data", "qs"),
+    [
+        ("normal", [0.001, 0.01, 0.1, 0.25, 0.75, 0.9, 0.99, 0.999]),
+        ("lognormal", [0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999]),
+    ],
+)
+def test_histogram_quantile_close_to_torch_quantile(data, qs):
+    gen = torch.Generator().manual_seed(3)
+    if data == "normal":
+        x = torch.randn(100_000, generator=gen) * 2.0 + 0.5
+    else:
+        x = torch.exp(torch.randn(100_000, generator=gen))
+    obs = HistogramObserver()
+    for chunk in x.split(25_000):
+        obs(chunk)
+    for q in qs:
+        ref = torch.quantile(x.double(), q).item()
+        assert obs.quantile(q).item() == pytest.approx(ref, rel=0.03), q
+    # The extremes are exact.
+    assert obs.quantile(0.0).item() == x.min().item()
+    assert obs.quantile(1.0).item() == x.max().item()
+
+
+# ------------------------------------------------------------------------------------------------ percentile
+@pytest.mark.parametrize("percentile", [99.9, 99.99])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("data", ["normal", "laplace", "relu"])
+def test_percentile_range_close_to_torch_quantile(percentile, symmetric, data):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(200_000, generator=gen) * 3.0 + 1.0
+    if data == "laplace":
+        x = torch.distributions.Laplace(0.0, 0.01).sample((200_000,))
+    elif data == "relu":
+        x = torch.relu(x)
+    obs = PercentileObserver(percentile=percentile, symmetric=symmetric)
+    for chunk in x.split(25_000):
+        obs(chunk)
+    low, high = obs.clip_range(8)
+    p = percentile / 100
+    if symmetric:
+        ref = torch.quantile(x.abs().double(), p).item()
+        assert high.item() == pytest.approx(ref, rel=0.03)
+        assert low.item() == -high.item()
+    else:
+        ref_low, ref_high = torch.quantile(x.double(), 1 - p).item(), torch.quantile(x.double(), p).item()
+        assert high.item() == pytest.approx(ref_high, rel=0.03)
+        assert low.item() == pytest.approx(ref_low, rel=0.03, abs=1e-12)
+    # The clipping range never exceeds the observed extremes; qparams derive from it.
+    if symmetric:
+        assert high.item() <= x.abs().max().item()
+    else:
+        assert low.item() >= x.min().item() and high.item() <= x.max().item()
+    for bits in (4, 8):
+        scale, zp = obs.qparams(bits)
+        ref_scale, ref_zp = qparams_from_range(low, high, bits, symmetric)
+        assert torch.equal(scale, ref_scale) and torch.equal(zp, ref_zp)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_100_is_min_max(symmetric):
+    x = torch.randn(5000) * 2 + 0.3
+    obs = PercentileObserver(percentile=100.0, symmetric=symmetric)
+    obs(x)
+    low, high = obs.clip_range(8)
+    if symmetric:
+        bound = x.abs().max().item()
+        assert (low.item(), high.item()) == (-bound, bound)
+    else:
+        assert (low.item(), high.item()) == (x.min().item(), x.max().item())
+
+
+@pytest.mark.parametrize("percentile", [50.0, 10.0, 100.5])
+def test_percentile_rejects_invalid(percentile):
+    with pytest.raises(ValueError, match="percentile"):
+        PercentileObserver(percentile=percentile)
+
+
+# ------------------------------------------------------------------------------------------------------- MSE
+@pytest.mark.parametrize("data", ["laplace", "student_t"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_mse_observer_close_to_brute_force_best(data, symmetric, bits):
+    torch.manual_seed(5)
+    if data == "laplace":
+        x = torch.distributions.Laplace(0.2, 1.0).sample((30_000,))
+    else:
+        x = torch.distributions.StudentT(3.0).sample((30_000,))
+    obs = MSEObserver(symmetric=symmetric)
+    for chunk in x.split(20_000):
+        obs(chunk)
+    low, high = obs.clip_range(bits)
+    got = round_trip_mse(x, low, high, bits, symmetric)
+    best = brute_force_best_mse(x, bits, symmetric)
+    assert got <= 1.05 * best
+    # qparams use that range
+    scale, zp = obs.qparams(bits)
+    ref_scale, ref_zp = qparams_from_range(low, high, bits, symmetric)
+    assert torch.equal(scale, ref_scale) and torch.equal(zp, ref_zp)
+    if bits == 4:  # heavy tails: clipping beats min/max by a wide margin at 4 bits
+        minmax = round_trip_mse(x, x.min(), x.max(), bits, symmetric)
+        assert got < 0.5 * minmax
+
+
+def test_mse_observer_rejects_invalid_candidates():
+    with pytest.raises(ValueError, match="num_candidates"):
+        MSEObserver(num_candidates=0)
+    with pytest.raises(ValueError, match="bins_per_octave"):
+        HistogramObserver(bins_per_octave=0)
+
+
+# -------------------------------------------------------------------------------------------- bit independence
+@pytest.mark.parametrize("cls", [MinMaxObserver, PercentileObserver, MSEObserver])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_one_calibration_serves_every_bit_width(cls, symmetric):
+    torch.manual_seed(6)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((20_000,))
+    obs = cls(symmetric=symmetric)
+    obs(x)
+    before = {k: v.clone() for k, v in obs.state_dict().items()}
+    params = {bits: obs.qparams(bits) for bits in (4, 6, 8)}
+    # Deriving parameters does not touch the statistics...
+    for k, v in obs.state_dict().items():
+        assert torch.equal(v, before[k])
+    # ... and each bit width's parameters equal those of a fresh observer calibrated for it alone.
+    for bits in (8, 6, 4):
+        fresh = cls(symmetric=symmetric)
+        fresh(x)
+        scale, zp = fresh.qparams(bits)
+        assert torch.equal(scale, params[bits][0]) and torch.equal(zp, params[bits][1])
+    for bits in (4, 6, 8):
+        qmin, qmax = quant_range(bits, symmetric)
+        low, high = obs.clip_range(bits)
+        ref = qparams_from_range(low, high, bits, symmetric)
+        assert torch.equal(params[bits][0], ref[0]) and torch.equal(params[bits][1], ref[1])
+    if cls is MinMaxObserver:
+        for bits in (4, 6, 8):
+            ao = ao_observer(bits, symmetric)
+            ao(x)
+            assert torch.equal(params[bits][0].reshape(1), ao.calculate_qparams()[0].reshape(1))
+    if cls is MSEObserver:  # fewer bits -> coarser steps -> tighter optimal clipping
+        widths = [(obs.clip_range(b)[1] - obs.clip_range(b)[0]).item() for b in (4, 6, 8)]
+        assert widths[0] < widths[1] < widths[2]
+
+
+# --------------------------------------------------------------------------------------------------- merging
+class TwoRankReduce:
+    """A fake ``reduce(tensor, op)`` for "this rank", combining with the other rank's buffers (a snapshot).
+
+    ``sync_observers`` walks the modules that declare REDUCTIONS (observers among them) and their buffers in a
+    deterministic order; the other rank's buffers are snapshotted in the same order, and each call reduces with
+    the next one, as an all_reduce would.
+    """
+
+    def __init__(self, other: nn.Module) -> None:
+        self.queue = [
+            getattr(module, name).clone()
+            for module in other.modules()
+            for name in getattr(module, "REDUCTIONS", None) or {}
+        ]
+        self.calls = 0
+
+    def __call__(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        other = self.queue[self.calls]
+        self.calls += 1
+        assert other.shape == tensor.shape and other.dtype == tensor.dtype
+        if op == "sum":
+            return tensor + other
+        if op == "min":
+            return torch.minimum(tensor, other)
+        if op == "max":
+            return torch.maximum(tensor, other)
+        raise AssertionError(f"unexpected reduction {op!r}")
+
+
+def two_rank_sync(rank0: nn.Module, rank1: nn.Module) -> tuple[int, int]:
+    reduce0, reduce1 = TwoRankReduce(rank1), TwoRankReduce(rank0)  # snapshots before either side changes
+    n0 = sync_observers(rank0, reduce0)
+    n1 = sync_observers(rank1, reduce1)
+    assert reduce0.calls == len(reduce0.queue) and reduce1.calls == len(reduce1.queue)
+    return n0, n1
+
+
+@pytest.mark.parametrize("cls", [MinMaxObserver, PercentileObserver, MSEObserver])
+def test_sync_of_two_halves_equals_one_observer_on_all_data(cls):
+    torch.manual_seed(7)
+    x = torch.cat([torch.randn(4000) * 3, torch.zeros(10)])
+    x = x[torch.randperm(x.numel())]
+    first, second = cls(), cls()
+    first(x[:1500])
+    second(x[1500:])
+    whole = cls()
+    whole(x)
+    assert two_rank_sync(first, second) == (1, 1)
+    for merged in (first, second):
+        for name, value in whole.state_dict().items():
+            assert torch.equal(merged.state_dict()[name], value), name
+        for bits in (4, 8):
+            a, b = merged.qparams(bits), whole.qparams(bits)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_sync_over_a_model_with_several_observers():
+    torch.manual_seed(8)
+
+    def make():
+        return nn.ModuleDict(
+            {"a": MinMaxObserver(), "b": MSEObserver(), "c": nn.Linear(2, 2), "d": PercentileObserver()}
+        )
+
+    rank0, rank1, whole = make(), make(), make()
+    data = {k: torch.randn(1000) * (i + 1) for i, k in enumerate("abd")}
+    for key, x in data.items():
+        rank0[key](x[:300])
+        rank1[key](x[300:])
+        whole[key](x)
+    assert two_rank_sync(rank0, rank1) == (3, 3)
+    for merged in (rank0, rank1):
+        for name, value in whole.state_dict().items():
+            if "c." not in name:
+                assert torch.equal(merged.state_dict()[name], value), name
+
+
+def test_sync_with_identity_reduce_is_a_no_op():
+    obs = PercentileObserver()
+    obs(torch.randn(100))
+    before = {k: v.clone() for k, v in obs.state_dict().items()}
+    assert sync_observers(obs, lambda t, op: t) == 1
+    for k, v in obs.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+# -------------------------------------------------------------------------------------------- inference mode
+@pytest.mark.parametrize("cls", [MinMaxObserver, PercentileObserver, MSEObserver])
+def test_update_inside_inference_mode_keeps_buffers_usable(cls):
+    torch.manual_seed(9)
+    a, b = torch.randn(500), torch.randn(500) * 4
+    obs = cls()
+    with torch.inference_mode():
+        obs(a)
+        obs.qparams(8)
+    for buffer in obs.buffers():
+        assert not buffer.is_inference()
+    obs(b)  # in-place update outside inference mode must not raise
+    sync_observers(obs, lambda t, op: t)
+    ref = cls()
+    ref(torch.cat([a, b]))
+    for name, value in ref.state_dict().items():
+        assert torch.equal(obs.state_dict()[name], value), name
+    obs.reset()
+    assert not obs.has_data
+
+
+# ------------------------------------------------------------------------------------------------ factories
+def test_build_observer_aliases_and_errors():
+    assert set(OBSERVERS) == {"minmax", "percentile", "mse"}
+    assert type(build_observer("minmax")) is MinMaxObserver
+    assert type(build_observer("mse", symmetric=True)) is MSEObserver
+    assert build_observer("mse", symmetric=True).symmetric is True
+    pct = build_observer("percentile", percentile=99.9)
+    assert type(pct) is PercentileObserver and pct.percentile == 99.9
+    with pytest.raises(ValueError, match="minmax") as err:
+        build_observer("kl")
+    assert "mse" in str(err.value) and "percentile" in str(err.value)
+    with pytest.raises(ValueError, match="percentile"):
+        build_observer("percentile", percentile=120.0)
+
+
+def test_symmetric_histogram_observer_minmax_equals_torch_ao_symmetric():
+    x = torch.randn(3000) * 0.7 - 0.2
+    obs = HistogramObserver(symmetric=True)
+    obs(x)
+    ao = ao_observer(8, True)
+    ao(x)
+    scale, zp = obs.qparams(8)
+    assert torch.equal(scale.reshape(1), ao.calculate_qparams()[0].reshape(1)) and zp.item() == 0
+    assert math.isclose(scale.item(), x.abs().max().item() / 127.5, rel_tol=1e-6)

@@ -258,3 +258,20 @@ def test_validate_help_lists_typed_options():
     assert result.returncode == 0
     assert "--config" in result.stdout and "--trainer.callbacks" in result.stdout
     assert torch.__version__  # the CLI ran under the installed torch
+
+
+def test_probe_cache_hit_skips_probing_and_gives_the_same_table(tmp_path):
+    edit = set_callback_arg(1, "cache_dir", str(tmp_path / "cache"))
+    config = edited_config(tmp_path, "default.yaml", edit)
+    _, first = run_validate(tmp_path, config, name="first")
+    _, second = run_validate(tmp_path, config, name="second")
+    r1 = json.loads((first / "results.json").read_text())
+    r2 = json.loads((second / "results.json").read_text())
+    assert r1["sensitivity"]["cache"] == "miss" and r2["sensitivity"]["cache"] == "hit"
+    assert r1["sensitivity"]["cache_key"] == r2["sensitivity"]["cache_key"]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert json.loads((first / "sensitivity.json").read_text()) == json.loads((second / "sensitivity.json").read_text())
+    assert r2["top1"] == r1["top1"]
+    # Another calibration seed draws other images: a different key, so a miss.
+    _, third = run_validate(tmp_path, config, "--data.init_args.calibration_seed=1", name="third")
+    assert json.loads((third / "results.json").read_text())["sensitivity"]["cache"] == "miss"

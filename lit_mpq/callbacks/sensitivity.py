@@ -1,13 +1,17 @@
 """The ``SensitivityProbe`` callback.
 
-Measures every layer's sensitivity to every candidate bit width, weights and input activations separately, in
-one pass over the calibration data, and writes the table into the plan (and to ``sensitivity.json`` at once, so
-it survives a later failure).
+Measures every layer's sensitivity to every candidate bit width, weights and input activations separately, and
+writes the table into the plan (and to ``sensitivity.json`` at once, so it survives a later failure). Results are
+cached on disk under a key made of the model's weights, the calibration data and every setting that changes the
+scores, so a second run with another budget or policy does not probe again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -23,21 +27,32 @@ from lit_mpq.callbacks._common import (
     timer,
 )
 from lit_mpq.callbacks.calibration import Calibration
-from lit_mpq.plan import validate_bits
-from lit_mpq.sensitivity import SENSITIVITY_METRICS, OutputErrorStats, probe_output_error
+from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.sensitivity import SENSITIVITY_METRICS, SensitivityStats
+
+KINDS = ("w", "a")
+CACHE_FORMAT = 1
 
 
 class SensitivityProbe(Callback):
     """Probe ``S[layer, bits]`` for weights and activations.
 
+    Metrics (``metric``):
+
+    - ``output_l2``: the seed metric ``||y_full - y_quant(b)||_2`` of each layer's output over the calibration set;
+    - ``output_l2_normalized``: the same divided by ``||y_full||_2``;
+    - ``fisher``: gradient-weighted (empirical Fisher) loss increase ``E[sum (g * delta_b)^2]``, one backward pass;
+    - ``kl``: end to end, mean ``KL(p_float || p_quant)`` with one layer quantized at a time (slow reference).
+
     Args:
-        metric: ``"output_l2"`` (the seed metric ``||y_full - y_quant(b)||_2`` over the calibration set) or
-            ``"output_l2_normalized"`` (the same divided by ``||y_full||_2``).
-        candidate_bits: Bit widths to probe.
-        num_samples: Calibration images used; default: all.
+        metric: One of the metrics above.
+        candidate_bits: Bit widths to probe (every width a policy may choose must be probed).
+        num_samples: Calibration images used; default: all (for ``kl``, consider 256 or fewer).
+        kinds: Tensors to probe: ``["w", "a"]``, ``["w"]`` or ``["a"]``.
+        cache_dir: Directory of the on-disk probe cache; null disables caching.
 
     Raises:
-        ValueError: On an unknown metric, unsupported bits, or a non-positive ``num_samples``.
+        ValueError: On an unknown metric or kind, unsupported bits, or a non-positive ``num_samples``.
     """
 
     def __init__(
@@ -45,6 +60,8 @@ class SensitivityProbe(Callback):
         metric: str = "output_l2",
         candidate_bits: list[int] = [4, 6, 8],  # noqa: B006 - shown as the default by jsonargparse
         num_samples: int | None = None,
+        kinds: list[str] = ["w", "a"],  # noqa: B006
+        cache_dir: str | None = "logs/probe_cache",
     ) -> None:
         if metric not in SENSITIVITY_METRICS:
             raise ValueError(f"unknown sensitivity metric {metric!r}; choose one of {list(SENSITIVITY_METRICS)}")
@@ -55,9 +72,13 @@ class SensitivityProbe(Callback):
                 raise ValueError("candidate_bits must be integers; FP32 (null) needs no probing")
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"SensitivityProbe.num_samples must be positive or null (all), got {num_samples}")
+        if not kinds or any(kind not in KINDS for kind in kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {list(KINDS)}, got {kinds}")
         self.metric = metric
         self.candidate_bits = sorted(set(candidate_bits))
         self.num_samples = num_samples
+        self.kinds = [kind for kind in KINDS if kind in kinds]
+        self.cache_dir = cache_dir
         self._done = False
 
     @override
@@ -65,18 +86,62 @@ class SensitivityProbe(Callback):
         if stage in QUANT_STAGES:
             require_before(trainer, self, Calibration, "needs calibrated activation quantizers")
 
+    def cache_key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """Hash of everything that determines the scores: weights, calibration data, settings."""
+        digest = hashlib.sha256()
+        for name, tensor in pl_module.model.state_dict().items():
+            if "quantizer" in name or "bias_correction" in name:
+                continue
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        datamodule = trainer.datamodule
+        calibration = {k: v for k, v in pl_module.results.get("calibration", {}).items() if "seconds" not in k}
+        calibration.pop("images_this_rank", None)
+        settings = {
+            "format": CACHE_FORMAT,
+            "backbone": str(pl_module.hparams.get("backbone")),
+            "data": type(datamodule).__name__,
+            "data_hparams": {k: str(v) for k, v in dict(getattr(datamodule, "hparams", {})).items()},
+            "calib_indices": list(getattr(datamodule, "calib_indices", [])),
+            "calibration": calibration,
+            "metric": self.metric,
+            "candidate_bits": self.candidate_bits,
+            "num_samples": self.num_samples,
+            "kinds": self.kinds,
+        }
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return digest.hexdigest()[:24]
+
+    def _cache_path(self, key: str) -> Path | None:
+        return Path(self.cache_dir) / f"{key}.json" if self.cache_dir else None
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: QuantPlan) -> tuple[dict, int]:
+        probe, transform = SENSITIVITY_METRICS[self.metric]
+        batches = calibration_batches(trainer, f"sensitivity probe ({self.metric})", self.num_samples)
+        stats = probe(pl_module.model, batches, self.candidate_bits, kinds=tuple(self.kinds))
+        packed = strategy_reduce(trainer)(stats.as_tensor(plan.names, self.candidate_bits), "sum")
+        stats = SensitivityStats.from_tensor(packed, plan.names, self.candidate_bits)
+        scores = stats.scores(transform)
+        return {name: {k: table[k] for k in self.kinds} for name, table in scores.items()}, stats.num_samples
+
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._done or trainer.sanity_checking:
             return
         plan = require_plan(pl_module, "SensitivityProbe")
         start = timer()
-        stats = probe_output_error(
-            pl_module.model, calibration_batches(trainer, "sensitivity probe", self.num_samples), self.candidate_bits
-        )
-        packed = strategy_reduce(trainer)(stats.as_tensor(plan.names, self.candidate_bits), "sum")
-        stats = OutputErrorStats.from_tensor(packed, plan.names, self.candidate_bits)
-        scores = stats.scores(normalized=self.metric == "output_l2_normalized")
+        key = self.cache_key(trainer, pl_module) if self.cache_dir else None
+        cached: Any = None
+        if trainer.is_global_zero and key is not None and self._cache_path(key).is_file():
+            cached = json.loads(self._cache_path(key).read_text())
+        cached = trainer.strategy.broadcast(cached, src=0)
+        if cached is not None:
+            scores = {
+                n: {k: {int(b): s for b, s in t.items()} for k, t in v.items()} for n, v in cached["layers"].items()
+            }
+            images = int(cached["images"])
+        else:
+            scores, images = self._probe(trainer, pl_module, plan)
         for name, table in scores.items():
             plan[name].sensitivity = table
         seconds = timer() - start
@@ -84,14 +149,20 @@ class SensitivityProbe(Callback):
         pl_module.results["sensitivity"] = {
             "metric": self.metric,
             "candidate_bits": self.candidate_bits,
-            "images": stats.num_samples,
+            "kinds": self.kinds,
+            "images": images,
             "seconds": seconds,
+            "cache": "hit" if cached is not None else ("miss" if key else "off"),
+            "cache_key": key,
         }
         if trainer.is_global_zero:
+            document = {"metric": self.metric, "images": images, "layers": scores}
             out = run_dir(trainer)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "sensitivity.json").write_text(
-                json.dumps({"metric": self.metric, "images": stats.num_samples, "layers": scores}, indent=2)
-            )
+            (out / "sensitivity.json").write_text(json.dumps(document, indent=2))
+            if key is not None and cached is None:
+                self._cache_path(key).parent.mkdir(parents=True, exist_ok=True)
+                self._cache_path(key).write_text(json.dumps(document))
         pl_module.log("time/probe_s", seconds)
-        pl_module.log("sens/images", float(stats.num_samples))
+        pl_module.log("sens/images", float(images))
+        pl_module.log("sens/cache_hit", float(cached is not None))

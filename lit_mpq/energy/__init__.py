@@ -1,6 +1,8 @@
 """Analytic energy of a quantization plan: per-operation energy models (with sources) and plan accounting.
 
-Plain PyTorch/NumPy, no Lightning: usable from a notebook or a test without a Trainer.
+Plain PyTorch/NumPy, no Lightning: usable from a notebook or a test without a Trainer. Three models:
+:class:`HorowitzEnergyModel` (default, ``"horowitz45nm"``), :class:`MaxBitWidthEnergyModel` (``"max_bit_width"``)
+and :class:`TableEnergyModel` (``"table"``), each selectable in a config file with ``class_path``.
 
 Example:
     >>> from lit_mpq.energy import build_energy_model, energy_report
@@ -15,7 +17,11 @@ from lit_mpq.energy.models import (
     EnergyModel,
     EnergyTerms,
     HorowitzEnergyModel,
+    MaxBitWidthEnergyModel,
+    TableEnergyModel,
     build_energy_model,
+    parse_precision_key,
+    precision_key,
 )
 
 __all__ = [
@@ -23,9 +29,13 @@ __all__ = [
     "EnergyModel",
     "EnergyTerms",
     "HorowitzEnergyModel",
+    "MaxBitWidthEnergyModel",
+    "TableEnergyModel",
     "build_energy_model",
     "energy_report",
     "layer_energy",
+    "parse_precision_key",
     "plan_energy",
+    "precision_key",
     "uniform_energy",
 ]

@@ -17,6 +17,15 @@ The model, for a plan with layers ``l``::
 ``None`` as a bit width means "not quantized": the tensor is FP32 and is counted as 32 bits. See
 ``docs/energy_model.md`` for the assumptions and a worked example.
 
+Two alternatives share the memory terms and change only the MAC energy:
+
+* :class:`MaxBitWidthEnergyModel` (``"max_bit_width"``): the multiplier's energy follows the *wider* operand and
+  the accumulator has a fixed width, after Spingarn-Eliezer et al., ICLR 2023; constants from Horowitz.
+* :class:`TableEnergyModel` (``"table"``): per-MAC energies supplied by the user for each ``"W<bw>A<ba>"`` pair,
+  e.g. measured on a target chip.
+
+All three are selected in a config file with ``class_path`` / ``init_args``.
+
 Example:
     >>> from lit_mpq.plan import LayerSpec
     >>> spec = LayerSpec(name="fc", kind="linear", params=640, macs=640, act_in=64, act_out=10)
@@ -27,9 +36,13 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from lit_mpq.plan import FLOAT_BITS, LayerSpec
 
@@ -38,7 +51,11 @@ __all__ = [
     "EnergyModel",
     "EnergyTerms",
     "HorowitzEnergyModel",
+    "MaxBitWidthEnergyModel",
+    "TableEnergyModel",
     "build_energy_model",
+    "parse_precision_key",
+    "precision_key",
 ]
 
 # ------------------------------------------------------------------------------------------------ constants
@@ -77,6 +94,30 @@ access, i.e. about 20-40 pJ/bit; the low end, 1.3 nJ / 64 bit = 20.3 pJ/bit, rou
 
 REFERENCE_MAC_BITS = 8
 """Operand width of the measured integer MAC that :class:`HorowitzEnergyModel` scales from (8 x 8 bits)."""
+
+REFERENCE_ACC_BITS = 32
+"""Width of the integer add that :data:`INT32_ADD_PJ` prices; :class:`MaxBitWidthEnergyModel` scales the
+accumulator linearly from it."""
+
+MAX_ACC_BITS = 64
+"""Widest accumulator :class:`MaxBitWidthEnergyModel` accepts."""
+
+SPINGARN_SOURCE = (
+    'N. Spingarn-Eliezer, R. Banner, E. Hoffer, H. Ben-Yaakov, T. Michaeli, "Energy awareness in low precision '
+    'neural networks", ICLR 2023 (multiplier energy set by the wider operand, fixed-width accumulator); '
+    "constants: " + HOROWITZ_SOURCE
+)
+"""Citation of :class:`MaxBitWidthEnergyModel`: the paper for the model's shape, Horowitz for its constants."""
+
+TABLE_SOURCE = "user-supplied table"
+"""Default citation of :class:`TableEnergyModel`; replace it with the origin of the numbers."""
+
+FP_KEY = "FP"
+"""Spelling of "not quantized (FP32)" in a precision key such as ``"W8AFP"``."""
+
+REQUIRED_TABLE_KEYS: tuple[str, ...] = ("W8A8", "WFPAFP")
+"""Keys every :class:`TableEnergyModel` needs: the uniform W8A8 and FP32 references of
+:func:`~lit_mpq.energy.accounting.energy_report`."""
 
 
 # ------------------------------------------------------------------------------------------------ terms
@@ -169,6 +210,30 @@ def _check_bits(bits: int | None, what: str) -> int | None:
             "or None for an FP32 (not quantized) tensor."
         )
     return bits
+
+
+def _dram_layer_terms(
+    spec: LayerSpec, mac_pj: float, w_bits: int | None, a_bits: int | None, dram_pj_per_bit: float
+) -> EnergyTerms:
+    """Terms shared by every model: ``macs * mac_pj``, and weights and inputs moved once from DRAM.
+
+    Args:
+        spec: The layer.
+        mac_pj: Energy of one MAC at the layer's bit widths, pJ.
+        w_bits: Weight bit width (already validated), ``None`` counts as 32 bits.
+        a_bits: Input-activation bit width (already validated), ``None`` counts as 32 bits.
+        dram_pj_per_bit: Energy to move one bit from DRAM, pJ.
+
+    Returns:
+        ``EnergyTerms(macs * mac_pj, params * w_bits * E_bit, act_in * a_bits * E_bit)``, pJ per image.
+    """
+    w_eff = FLOAT_BITS if w_bits is None else w_bits
+    a_eff = FLOAT_BITS if a_bits is None else a_bits
+    return EnergyTerms(
+        mac_pj=spec.macs * mac_pj,
+        weight_mem_pj=spec.params * w_eff * dram_pj_per_bit,
+        act_mem_pj=spec.act_in * a_eff * dram_pj_per_bit,
+    )
 
 
 def _check_constant(value: float, what: str) -> float:
@@ -264,36 +329,327 @@ class HorowitzEnergyModel(EnergyModel):
         Raises:
             ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
         """
-        mac = self.mac_pj(w_bits, a_bits)
-        w_eff = FLOAT_BITS if w_bits is None else w_bits
-        a_eff = FLOAT_BITS if a_bits is None else a_bits
-        return EnergyTerms(
-            mac_pj=spec.macs * mac,
-            weight_mem_pj=spec.params * w_eff * self.dram_pj_per_bit,
-            act_mem_pj=spec.act_in * a_eff * self.dram_pj_per_bit,
+        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
+
+
+class MaxBitWidthEnergyModel(EnergyModel):
+    """MAC energy set by the wider operand plus a fixed-width accumulator; memory terms as Horowitz.
+
+    After N. Spingarn-Eliezer et al., "Energy awareness in low precision neural networks", ICLR 2023. An integer
+    MAC costs::
+
+        E_MAC(b_w, b_a) = mult8_pj * (max(b_w, b_a) / 8) ** 2  +  acc32_add_pj * acc_bits / 32
+
+    (0.3 pJ at W8A8, 0.15 pJ at W4A4 and at W4A8 alike with the defaults). A MAC with an FP32 operand costs
+    ``fp32_mult_pj + fp32_add_pj``; weights and input activations are moved once per image from DRAM at
+    ``dram_pj_per_bit``, exactly as in :class:`HorowitzEnergyModel`.
+
+    What comes from the paper, and what is ours:
+
+    * **The paper's modelling assumptions** (as we read them): a multiplier is built for, and its energy follows,
+      the *larger* of its two operand widths, so lowering only the weights (W4A8) saves no multiplier energy over
+      W8A8; and the accumulator keeps a fixed width (typically 32 bits) whatever the operand widths, so its
+      energy does not shrink with quantization and dominates at low bit widths. This model follows those
+      observations; it does not reproduce the paper's own power model (which counts bit toggles per operation
+      and depends on the data), and the exact functional form above is our simplification.
+    * **Our calibration:** the quadratic growth of the multiplier with its width (an array multiplier of
+      ``b x b`` bits), anchored at Horowitz's 8-bit multiply (0.2 pJ); the accumulator priced as Horowitz's
+      32-bit integer add (0.1 pJ) scaled linearly with ``acc_bits``; the FP32 and DRAM constants. All constants
+      are Horowitz, ISSCC 2014, 45 nm, 0.9 V.
+
+    Args:
+        mult8_pj: Energy of an 8 x 8-bit integer multiply, pJ.
+        acc32_add_pj: Energy of a 32-bit integer add, pJ (the accumulator is priced as ``acc_bits / 32`` of it).
+        acc_bits: Width of the accumulator, bits (an integer from 1 to 64).
+        fp32_mult_pj: Energy of a 32-bit floating-point multiply, pJ.
+        fp32_add_pj: Energy of a 32-bit floating-point add, pJ.
+        dram_pj_per_bit: Energy to move one bit from DRAM, pJ.
+
+    Raises:
+        ValueError: If a constant is negative, infinite or not a number, or ``acc_bits`` is not an integer from 1
+            to 64.
+
+    Example:
+        >>> model = MaxBitWidthEnergyModel()
+        >>> round(model.mac_pj(4, 8), 4) == round(model.mac_pj(8, 8), 4) == 0.3
+        True
+    """
+
+    name = "max_bit_width"
+    source = SPINGARN_SOURCE
+
+    def __init__(
+        self,
+        mult8_pj: float = INT8_MULT_PJ,
+        acc32_add_pj: float = INT32_ADD_PJ,
+        acc_bits: int = REFERENCE_ACC_BITS,
+        fp32_mult_pj: float = FP32_MULT_PJ,
+        fp32_add_pj: float = FP32_ADD_PJ,
+        dram_pj_per_bit: float = DRAM_PJ_PER_BIT,
+    ) -> None:
+        self.mult8_pj = _check_constant(mult8_pj, "mult8_pj")
+        self.acc32_add_pj = _check_constant(acc32_add_pj, "acc32_add_pj")
+        if isinstance(acc_bits, bool) or not isinstance(acc_bits, int) or not 1 <= acc_bits <= MAX_ACC_BITS:
+            raise ValueError(
+                f"acc_bits={acc_bits!r} is not a valid accumulator width: use an integer from 1 to {MAX_ACC_BITS} "
+                f"(default {REFERENCE_ACC_BITS})."
+            )
+        self.acc_bits = acc_bits
+        self.fp32_mult_pj = _check_constant(fp32_mult_pj, "fp32_mult_pj")
+        self.fp32_add_pj = _check_constant(fp32_add_pj, "fp32_add_pj")
+        self.dram_pj_per_bit = _check_constant(dram_pj_per_bit, "dram_pj_per_bit")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.constants().items())
+        return f"{type(self).__name__}({args})"
+
+    def constants(self) -> dict[str, float]:
+        """The constructor arguments by name: energies in pJ (per operation, or per bit), ``acc_bits`` in bits."""
+        return {
+            "mult8_pj": self.mult8_pj,
+            "acc32_add_pj": self.acc32_add_pj,
+            "acc_bits": self.acc_bits,
+            "fp32_mult_pj": self.fp32_mult_pj,
+            "fp32_add_pj": self.fp32_add_pj,
+            "dram_pj_per_bit": self.dram_pj_per_bit,
+        }
+
+    def accumulate_pj(self) -> float:
+        """Energy of one accumulation, pJ: ``acc32_add_pj * acc_bits / 32`` (0.1 pJ by default)."""
+        return self.acc32_add_pj * self.acc_bits / REFERENCE_ACC_BITS
+
+    def mac_pj(self, w_bits: int | None, a_bits: int | None) -> float:
+        """Energy of one multiply-accumulate, pJ.
+
+        Args:
+            w_bits: Weight bit width, or ``None`` for FP32.
+            a_bits: Activation bit width, or ``None`` for FP32.
+
+        Returns:
+            ``fp32_mult_pj + fp32_add_pj`` if either operand is FP32, else
+            ``mult8_pj * (max(w_bits, a_bits) / 8) ** 2 + acc32_add_pj * acc_bits / 32``.
+
+        Raises:
+            ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
+        """
+        w_bits = _check_bits(w_bits, "w_bits")
+        a_bits = _check_bits(a_bits, "a_bits")
+        if w_bits is None or a_bits is None:
+            return self.fp32_mult_pj + self.fp32_add_pj
+        width = max(w_bits, a_bits)
+        return self.mult8_pj * (width / REFERENCE_MAC_BITS) ** 2 + self.accumulate_pj()
+
+    def layer(self, spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> EnergyTerms:
+        """Energy of ``spec`` per image (pJ) with ``w_bits``-bit weights and ``a_bits``-bit inputs.
+
+        Args:
+            spec: The layer (``params``, ``macs`` and ``act_in`` per image are used).
+            w_bits: Weight bit width, or ``None`` for FP32 weights (counted as 32 bits).
+            a_bits: Input-activation bit width, or ``None`` for FP32 inputs (counted as 32 bits).
+
+        Returns:
+            ``EnergyTerms(mac_pj=macs * E_MAC, weight_mem_pj=params * w_bits * E_bit,
+            act_mem_pj=act_in * a_bits * E_bit)``.
+
+        Raises:
+            ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
+        """
+        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
+
+
+_KEY_PATTERN = re.compile(r"W(\d+|FP)A(\d+|FP)")
+
+
+def precision_key(w_bits: int | None, a_bits: int | None) -> str:
+    """The ``"W<bw>A<ba>"`` name of a precision pair, ``"FP"`` for a tensor that is not quantized.
+
+    Args:
+        w_bits: Weight bit width, or ``None`` for FP32.
+        a_bits: Activation bit width, or ``None`` for FP32.
+
+    Returns:
+        For example ``"W4A8"``, ``"W8AFP"`` or ``"WFPAFP"``.
+
+    Example:
+        >>> precision_key(4, None)
+        'W4AFP'
+    """
+    return f"W{FP_KEY if w_bits is None else w_bits}A{FP_KEY if a_bits is None else a_bits}"
+
+
+def parse_precision_key(key: str) -> tuple[int | None, int | None]:
+    """Inverse of :func:`precision_key`; case and surrounding spaces are ignored.
+
+    Args:
+        key: A key such as ``"W4A8"``, ``"w8afp"`` or ``"WFPAFP"``.
+
+    Returns:
+        ``(w_bits, a_bits)`` with ``None`` for ``"FP"``.
+
+    Raises:
+        ValueError: If ``key`` does not have the form ``W<bits|FP>A<bits|FP>`` with bits from 1 to 32.
+    """
+    match = _KEY_PATTERN.fullmatch(key.strip().upper()) if isinstance(key, str) else None
+    if match is None:
+        raise ValueError(
+            f"precision key {key!r} is not valid: write 'W<bits>A<bits>' with integer bits from 1 to {FLOAT_BITS} "
+            f"or '{FP_KEY}' for a tensor that is not quantized, e.g. 'W8A8', 'W4A8', 'W{FP_KEY}A{FP_KEY}'."
         )
+    pair = tuple(None if group == FP_KEY else int(group) for group in match.groups())
+    for bits in pair:
+        if bits is not None and not 1 <= bits <= FLOAT_BITS:
+            raise ValueError(f"precision key {key!r} has a bit width outside 1..{FLOAT_BITS}.")
+    return pair[0], pair[1]
+
+
+class TableEnergyModel(EnergyModel):
+    """MAC energies from a user-supplied table, one entry per (weight, activation) precision pair.
+
+    Use it for numbers measured or simulated on a target chip, or taken from a paper. The MAC energy of a layer
+    is looked up as ``mac_pj["W<w_bits>A<a_bits>"]`` (``"FP"`` for a tensor that is not quantized); the memory
+    terms are those of :class:`HorowitzEnergyModel` (each bit moved once from DRAM at ``dram_pj_per_bit``).
+    Keys are case-insensitive and stored in the canonical form of :func:`precision_key`.
+
+    The table must contain ``"W8A8"`` and ``"WFPAFP"``: every energy report compares the plan with uniform W8A8
+    and with FP32. Pricing a pair that the table lacks raises a ``ValueError`` that lists the keys it has.
+
+    Args:
+        mac_pj: Energy of one MAC in pJ per precision key, e.g. ``{"W8A8": 0.23, "W4A4": 0.06, "WFPAFP": 4.6}``.
+        dram_pj_per_bit: Energy to move one bit from DRAM, pJ.
+        source: Where the numbers come from (paper and table, or measurement); shown in every report.
+
+    Raises:
+        ValueError: If a key is malformed or repeated, a value is not a finite non-negative number, a required key
+            is missing, or ``source`` is empty.
+
+    Example:
+        >>> model = TableEnergyModel({"W8A8": 0.23, "w4a4": 0.06, "WFPAFP": 4.6}, source="my chip, 7 nm")
+        >>> model.mac_pj(4, 4)
+        0.06
+    """
+
+    name = "table"
+
+    def __init__(
+        self,
+        mac_pj: dict[str, float],
+        dram_pj_per_bit: float = DRAM_PJ_PER_BIT,
+        source: str = TABLE_SOURCE,
+    ) -> None:
+        if not isinstance(mac_pj, Mapping) or not mac_pj:
+            raise ValueError(
+                f"mac_pj={mac_pj!r} is not a valid table: give a non-empty mapping from precision keys to pJ per MAC, "
+                'e.g. {"W8A8": 0.23, "W4A4": 0.06, "WFPAFP": 4.6}.'
+            )
+        table: dict[str, float] = {}
+        for key, value in mac_pj.items():
+            canonical = precision_key(*parse_precision_key(key))
+            if canonical in table:
+                raise ValueError(f"mac_pj lists {canonical!r} twice (keys are case-insensitive): keep one entry.")
+            table[canonical] = _check_constant(value, f"mac_pj[{key!r}]")
+        missing = [key for key in REQUIRED_TABLE_KEYS if key not in table]
+        if missing:
+            raise ValueError(
+                f"mac_pj lacks {missing}: the table must price uniform W8A8 and FP32 ('WFPAFP'), which every energy "
+                f"report uses as references. It has {sorted(table)}."
+            )
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("source must name where the table's numbers come from (a paper and table, or a chip).")
+        self.mac_table = table
+        self.dram_pj_per_bit = _check_constant(dram_pj_per_bit, "dram_pj_per_bit")
+        self.source = source
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(mac_pj={self.mac_table!r}, dram_pj_per_bit={self.dram_pj_per_bit!r}, "
+            f"source={self.source!r})"
+        )
+
+    def constants(self) -> dict[str, float]:
+        """The table as ``{"mac_pj[W8A8]": ..., ...}`` plus ``dram_pj_per_bit``, all in pJ."""
+        constants = {f"mac_pj[{key}]": value for key, value in self.mac_table.items()}
+        constants["dram_pj_per_bit"] = self.dram_pj_per_bit
+        return constants
+
+    def mac_pj(self, w_bits: int | None, a_bits: int | None) -> float:
+        """Energy of one multiply-accumulate, pJ, looked up in the table.
+
+        Args:
+            w_bits: Weight bit width, or ``None`` for FP32.
+            a_bits: Activation bit width, or ``None`` for FP32.
+
+        Returns:
+            ``mac_pj[precision_key(w_bits, a_bits)]``.
+
+        Raises:
+            ValueError: If a bit width is not ``None`` or an integer from 1 to 32, or the table has no entry for
+                the pair (the message lists the entries it has).
+        """
+        key = precision_key(_check_bits(w_bits, "w_bits"), _check_bits(a_bits, "a_bits"))
+        if key not in self.mac_table:
+            raise ValueError(
+                f"the energy table has no entry for {key}: add it to mac_pj, or restrict the candidate bit widths to "
+                f"the pairs it has: {sorted(self.mac_table)}."
+            )
+        return self.mac_table[key]
+
+    def layer(self, spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> EnergyTerms:
+        """Energy of ``spec`` per image (pJ) with ``w_bits``-bit weights and ``a_bits``-bit inputs.
+
+        Args:
+            spec: The layer (``params``, ``macs`` and ``act_in`` per image are used).
+            w_bits: Weight bit width, or ``None`` for FP32 weights (counted as 32 bits).
+            a_bits: Input-activation bit width, or ``None`` for FP32 inputs (counted as 32 bits).
+
+        Returns:
+            ``EnergyTerms(mac_pj=macs * table[key], weight_mem_pj=params * w_bits * E_bit,
+            act_mem_pj=act_in * a_bits * E_bit)``.
+
+        Raises:
+            ValueError: If a bit width is invalid or the pair is not in the table.
+        """
+        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
 
 
 ENERGY_MODELS: dict[str, type[EnergyModel]] = {
     HorowitzEnergyModel.name: HorowitzEnergyModel,
     "horowitz": HorowitzEnergyModel,
+    MaxBitWidthEnergyModel.name: MaxBitWidthEnergyModel,
+    TableEnergyModel.name: TableEnergyModel,
 }
 """Energy models by name (aliases included), for ``build_energy_model`` and config files."""
 
 
-def build_energy_model(name: str) -> EnergyModel:
-    """Build an energy model with its default constants from its name.
+def build_energy_model(name: str, init_args: Mapping[str, Any] | None = None) -> EnergyModel:
+    """Build an energy model from its name, with its default constants unless ``init_args`` overrides them.
 
     Args:
-        name: A key of :data:`ENERGY_MODELS` (case-insensitive), e.g. ``"horowitz45nm"``.
+        name: A key of :data:`ENERGY_MODELS` (case-insensitive), e.g. ``"horowitz45nm"``, ``"max_bit_width"`` or
+            ``"table"``.
+        init_args: Constructor arguments, as in a config file's ``init_args``; ``"table"`` needs ``mac_pj``.
 
     Returns:
         The model instance.
 
     Raises:
-        ValueError: If no model has that name; the message lists the known names.
+        ValueError: If no model has that name (the message lists the known names), or the arguments do not fit
+            the model's constructor (the message lists its arguments).
+
+    Example:
+        >>> build_energy_model("table", {"mac_pj": {"W8A8": 0.2, "WFPAFP": 4.0}}).mac_pj(8, 8)
+        0.2
     """
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in ENERGY_MODELS:
         raise ValueError(f"unknown energy model {name!r}: use one of {sorted(ENERGY_MODELS)}.")
-    return ENERGY_MODELS[key]()
+    cls = ENERGY_MODELS[key]
+    args = dict(init_args or {})
+    try:
+        signature = inspect.signature(cls).bind(**args)
+    except TypeError as err:
+        allowed = list(inspect.signature(cls).parameters)
+        raise ValueError(
+            f"energy model {name!r} ({cls.__name__}) cannot be built with {sorted(args)}: {err}. "
+            f"Its arguments are {allowed}."
+        ) from err
+    return cls(*signature.args, **signature.kwargs)

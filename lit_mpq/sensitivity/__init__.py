@@ -1,8 +1,26 @@
-"""Per-layer sensitivity metrics: pure functions over a prepared model and calibration batches."""
+"""Per-layer sensitivity metrics: pure functions over a prepared model and calibration batches.
 
-from lit_mpq.sensitivity.output_error import OutputErrorStats, probe_output_error
+Each probe returns :class:`SensitivityStats` (sums mergeable across ranks); :data:`SENSITIVITY_METRICS` maps a
+metric name to its probe function and to how the sums become scores.
+"""
 
-SENSITIVITY_METRICS = ("output_l2", "output_l2_normalized")
-"""Metric names accepted by the ``SensitivityProbe`` callback."""
+from lit_mpq.sensitivity.end_to_end import probe_end_to_end
+from lit_mpq.sensitivity.gradient import probe_fisher
+from lit_mpq.sensitivity.output_error import OutputErrorStats, SensitivityStats, probe_output_error
 
-__all__ = ["SENSITIVITY_METRICS", "OutputErrorStats", "probe_output_error"]
+SENSITIVITY_METRICS = {
+    "output_l2": (probe_output_error, "sqrt"),
+    "output_l2_normalized": (probe_output_error, "normalized"),
+    "fisher": (probe_fisher, "mean"),
+    "kl": (probe_end_to_end, "mean"),
+}
+"""Metric name -> (probe function, score transform for :meth:`SensitivityStats.scores`)."""
+
+__all__ = [
+    "SENSITIVITY_METRICS",
+    "OutputErrorStats",
+    "SensitivityStats",
+    "probe_end_to_end",
+    "probe_fisher",
+    "probe_output_error",
+]

@@ -20,14 +20,34 @@ from lit_mpq.quant.apply import quant_layers, quantizers_mode
 ForwardFn = Callable[[Tensor], Tensor]
 
 
+def _weight_perturbation_outputs(layer: nn.Module, x: Tensor, deltas: list[Tensor]) -> list[Tensor]:
+    """``[f(x, delta) for delta in deltas]`` without bias, as one call with the deltas stacked as output channels."""
+    stacked = torch.cat(deltas)
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:  # stacking would mix groups: fall back to one call per candidate
+            return [layer._conv_forward(x, d, None) for d in deltas]
+        return list(layer._conv_forward(x, stacked, None).chunk(len(deltas), dim=1))
+    return list(torch.nn.functional.linear(x, stacked).chunk(len(deltas), dim=-1))
+
+
+def _input_perturbation_outputs(layer: nn.Module, deltas: Tensor) -> Tensor:
+    """``f(delta, W)`` without bias for inputs stacked along the batch dimension."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(deltas, layer.weight, None)
+    return torch.nn.functional.linear(deltas, layer.weight)
+
+
 @dataclass
-class OutputErrorStats:
-    """Accumulated squared errors per layer and candidate, mergeable across ranks by summation.
+class SensitivityStats:
+    """Per-layer, per-candidate sums from a probe, mergeable across ranks by summation.
+
+    Every metric accumulates a sum over the calibration images: squared output errors (output metrics), squared
+    gradient-weighted perturbations (Fisher), or KL divergences (end to end).
 
     Attributes:
-        weight_sq: ``{layer: {bits: sum of squared output error with quantized weights}}``.
-        act_sq: ``{layer: {bits: sum of squared output error with quantized input}}``.
-        output_sq: ``{layer: sum of squared float outputs}``.
+        weight_sq: ``{layer: {bits: sum for quantized weights}}``.
+        act_sq: ``{layer: {bits: sum for a quantized input}}``.
+        output_sq: ``{layer: sum of squared float outputs}`` (for normalisation; zeros when unused).
         num_samples: Images seen.
     """
 
@@ -36,17 +56,34 @@ class OutputErrorStats:
     output_sq: dict[str, float] = field(default_factory=dict)
     num_samples: int = 0
 
-    def scores(self, normalized: bool = False) -> dict[str, dict[str, dict[int, float]]]:
-        """``{layer: {"w": {bits: S}, "a": {bits: S}}}`` with ``S = sqrt(sum sq)``, or divided by ``||y||``."""
+    def scores(self, transform: str = "sqrt") -> dict[str, dict[str, dict[int, float]]]:
+        """``{layer: {"w": {bits: S}, "a": {bits: S}}}`` from the sums.
+
+        Args:
+            transform: ``"sqrt"`` (an L2 norm: ``sqrt(sum)``), ``"normalized"`` (``sqrt(sum) / ||y||``) or
+                ``"mean"`` (``sum / num_samples``, a per-image expectation).
+        """
         result = {}
         for name in self.weight_sq:
-            denom = self.output_sq[name] ** 0.5 if normalized else 1.0
-            denom = denom or 1.0
+            if transform == "mean":
+                convert = lambda v: v / max(self.num_samples, 1)  # noqa: E731
+            else:
+                denom = (self.output_sq[name] ** 0.5 or 1.0) if transform == "normalized" else 1.0
+                convert = lambda v, d=denom: (max(v, 0.0) ** 0.5) / d  # noqa: E731
             result[name] = {
-                "w": {b: (v**0.5) / denom for b, v in self.weight_sq[name].items()},
-                "a": {b: (v**0.5) / denom for b, v in self.act_sq[name].items()},
+                "w": {b: convert(v) for b, v in self.weight_sq[name].items()},
+                "a": {b: convert(v) for b, v in self.act_sq[name].items()},
             }
         return result
+
+    @classmethod
+    def empty(cls, names: list[str], candidates: list[int]) -> SensitivityStats:
+        """Zero sums for ``names`` x ``candidates``."""
+        return cls(
+            weight_sq={n: dict.fromkeys(candidates, 0.0) for n in names},
+            act_sq={n: dict.fromkeys(candidates, 0.0) for n in names},
+            output_sq=dict.fromkeys(names, 0.0),
+        )
 
     def as_tensor(self, names: list[str], candidates: list[int]) -> Tensor:
         """Pack into one float64 tensor (for an all-reduce)."""
@@ -58,7 +95,7 @@ class OutputErrorStats:
         return torch.cat([flat, torch.tensor([float(self.num_samples)], dtype=torch.float64)])
 
     @classmethod
-    def from_tensor(cls, packed: Tensor, names: list[str], candidates: list[int]) -> OutputErrorStats:
+    def from_tensor(cls, packed: Tensor, names: list[str], candidates: list[int]) -> SensitivityStats:
         """Inverse of :meth:`as_tensor`."""
         k = len(candidates)
         table = packed[:-1].reshape(len(names), 2 * k + 1).tolist()
@@ -77,7 +114,7 @@ def probe_output_error(
     candidates: list[int],
     forward: ForwardFn | None = None,
     kinds: tuple[str, ...] = ("w", "a"),
-) -> OutputErrorStats:
+) -> SensitivityStats:
     """Accumulate every layer's output error for every candidate bit width over ``batches``.
 
     Activation quantizers must be calibrated already (their observers hold statistics). All quantizers are off
@@ -91,23 +128,24 @@ def probe_output_error(
         kinds: Which tensors to probe: ``"w"`` (weights) and/or ``"a"`` (input activations).
     """
     layers = quant_layers(model)
-    stats = OutputErrorStats(
-        weight_sq={n: dict.fromkeys(candidates, 0.0) for n in layers},
-        act_sq={n: dict.fromkeys(candidates, 0.0) for n in layers},
-        output_sq=dict.fromkeys(layers, 0.0),
-    )
+    stats = SensitivityStats.empty(list(layers), candidates)
 
     def make_hook(name: str):
         def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x, y = inputs[0], output
             stats.output_sq[name] += float((y.double() ** 2).sum())
-            for bits in candidates:
-                if "w" in kinds:
-                    y_w = layer.float_forward(x, layer.weight_quantizer.quantize(layer.weight, bits))
-                    stats.weight_sq[name][bits] += float(((y_w - y).double() ** 2).sum())
-                if "a" in kinds:
-                    y_a = layer.float_forward(layer.input_quantizer.quantize(x, bits))
-                    stats.act_sq[name][bits] += float(((y_a - y).double() ** 2).sum())
+            # The layer is linear in its weight and in its input, so the output error of a perturbation is the
+            # layer applied to the perturbation alone (bias excluded); all candidates go through one batched call.
+            if "w" in kinds:
+                deltas = [layer.weight_quantizer.quantize(layer.weight, b) - layer.weight for b in candidates]
+                errors = _weight_perturbation_outputs(layer, x, deltas)
+                for bits, err in zip(candidates, errors, strict=True):
+                    stats.weight_sq[name][bits] += float((err.double() ** 2).sum())
+            if "a" in kinds:
+                deltas = torch.cat([layer.input_quantizer.quantize(x, b) - x for b in candidates])
+                errors = _input_perturbation_outputs(layer, deltas).chunk(len(candidates))
+                for bits, err in zip(candidates, errors, strict=True):
+                    stats.act_sq[name][bits] += float((err.double() ** 2).sum())
 
         return hook
 
@@ -122,3 +160,7 @@ def probe_output_error(
         for handle in handles:
             handle.remove()
     return stats
+
+
+OutputErrorStats = SensitivityStats
+"""Former name of :class:`SensitivityStats`."""

@@ -122,18 +122,19 @@ def test_probe_equals_brute_force_layer_output_error(model_name):
     for name, entry in expected.items():
         assert stats.output_sq[name] == pytest.approx(entry["y"], rel=1e-9)
         for b in CANDIDATES:
-            assert stats.weight_sq[name][b] == pytest.approx(entry["w"][b], rel=1e-9), (name, b)
-            assert stats.act_sq[name][b] == pytest.approx(entry["a"][b], rel=1e-9), (name, b)
+            # The probe computes f(x, dW) instead of f(x, W_q) - f(x, W): equal up to float32 rounding.
+            assert stats.weight_sq[name][b] == pytest.approx(entry["w"][b], rel=1e-5), (name, b)
+            assert stats.act_sq[name][b] == pytest.approx(entry["a"][b], rel=1e-5), (name, b)
             assert entry["w"][b] > 0 and entry["a"][b] > 0
 
     scores = stats.scores()
-    normalized = stats.scores(normalized=True)
+    normalized = stats.scores(transform="normalized")
     for name, entry in expected.items():
         for kind in ("w", "a"):
             for b in CANDIDATES:
                 s = entry[kind][b] ** 0.5
-                assert scores[name][kind][b] == pytest.approx(s, rel=1e-9)
-                assert normalized[name][kind][b] == pytest.approx(s / entry["y"] ** 0.5, rel=1e-9)
+                assert scores[name][kind][b] == pytest.approx(s, rel=1e-5)
+                assert normalized[name][kind][b] == pytest.approx(s / entry["y"] ** 0.5, rel=1e-5)
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "convnet"])
@@ -207,13 +208,13 @@ def test_stats_hand_made_scores():
         num_samples=2,
     )
     assert stats.scores() == {"fc": {"w": {4: 3.0, 8: 0.5}, "a": {4: 4.0, 8: 1.0}}}
-    assert stats.scores(normalized=True) == {"fc": {"w": {4: 1.5, 8: 0.25}, "a": {4: 2.0, 8: 0.5}}}
+    assert stats.scores(transform="normalized") == {"fc": {"w": {4: 1.5, 8: 0.25}, "a": {4: 2.0, 8: 0.5}}}
     packed = stats.as_tensor(["fc"], [4, 8])
     assert packed.tolist() == [9.0, 0.25, 16.0, 1.0, 4.0, 2.0]
     zero_output = OutputErrorStats(
         weight_sq={"fc": {4: 9.0}}, act_sq={"fc": {4: 0.0}}, output_sq={"fc": 0.0}, num_samples=1
     )
-    assert zero_output.scores(normalized=True) == {"fc": {"w": {4: 3.0}, "a": {4: 0.0}}}
+    assert zero_output.scores(transform="normalized") == {"fc": {"w": {4: 3.0}, "a": {4: 0.0}}}
 
 
 def test_probe_requires_calibrated_observers():

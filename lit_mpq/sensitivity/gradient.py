@@ -1,0 +1,102 @@
+"""Gradient-weighted sensitivity: the empirical-Fisher (second-order Taylor) estimate of the loss increase.
+
+For a perturbation ``delta`` of a tensor ``t`` (its quantization error at ``b`` bits), the loss changes by about
+``g . delta`` with ``g = dL/dt``; its expected square, with independent rounding errors, is
+``sum_i g_i^2 delta_i^2`` (the diagonal empirical Fisher weighting of Kim et al., "Towards
+Accurate Post-Training Quantization..." and of HAWQ's Fisher variants). One forward and one backward pass over the
+calibration data give every layer and every candidate:
+
+- activations: ``g`` is the exact per-image gradient of the layer's input, so the sum runs over images;
+- weights: ``g`` is the gradient of each batch's summed loss (per-image weight gradients would cost one backward
+  per image), accumulated over batches.
+
+The loss is the cross-entropy against the float model's own prediction, so no labels are needed and any image set
+calibrates. The score is the sum divided by the number of images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from lit_mpq.quant.apply import quant_layers, quantizers_mode
+from lit_mpq.sensitivity.output_error import SensitivityStats
+
+ForwardFn = Callable[[Tensor], Tensor]
+
+
+def probe_fisher(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    candidates: list[int],
+    forward: ForwardFn | None = None,
+    kinds: tuple[str, ...] = ("w", "a"),
+) -> SensitivityStats:
+    """Accumulate ``sum (g * delta_b)^2`` for every layer, candidate and tensor kind over ``batches``.
+
+    Runs outside inference mode with gradients enabled whatever the caller's context; parameter gradients are
+    cleared before and after, and ``requires_grad`` flags are restored.
+
+    Args:
+        model: Model prepared by :func:`~lit_mpq.quant.quantize_model`, activation quantizers calibrated.
+        batches: Input tensors on the model's device.
+        candidates: Bit widths to probe.
+        forward: Callable running the model on a batch (default ``model``).
+        kinds: ``"w"`` and/or ``"a"``.
+    """
+    layers = quant_layers(model)
+    stats = SensitivityStats.empty(list(layers), candidates)
+    run = forward or model
+    saved: dict[str, Tensor] = {}
+    handles = []
+
+    def make_forward_hook(name: str):
+        def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x = inputs[0]
+            if "a" not in kinds or not x.requires_grad:
+                return
+            saved[name] = x.detach()
+
+            def grad_hook(grad: Tensor) -> None:
+                with torch.no_grad():
+                    x_float = saved.pop(name)
+                    for bits in candidates:
+                        delta = layer.input_quantizer.quantize(x_float, bits) - x_float
+                        stats.act_sq[name][bits] += float(((grad * delta).double() ** 2).sum())
+
+            x.register_hook(grad_hook)
+
+        return hook
+
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    with torch.inference_mode(False), torch.enable_grad(), quantizers_mode(model, "off"):
+        for layer in layers.values():
+            layer.weight.requires_grad_(True)
+        handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+        try:
+            for batch in batches:
+                x = batch.clone().requires_grad_(True)  # a normal tensor, so autograd can reach the first layer
+                logits = run(x)
+                target = logits.detach().argmax(dim=-1)
+                loss = F.cross_entropy(logits, target, reduction="sum")
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                if "w" in kinds:
+                    with torch.no_grad():
+                        for name, layer in layers.items():
+                            g = layer.weight.grad
+                            for bits in candidates:
+                                delta = layer.weight_quantizer.quantize(layer.weight.detach(), bits) - layer.weight
+                                stats.weight_sq[name][bits] += float(((g * delta).double() ** 2).sum())
+                stats.num_samples += int(batch.shape[0])
+                saved.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.zero_grad(set_to_none=True)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+    return stats

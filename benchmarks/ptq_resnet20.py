@@ -21,24 +21,39 @@ from lit_mpq.allocation import Policy, SensitivityPercentile, Uniform
 from lit_mpq.callbacks import BitAllocator, Calibration
 from lit_mpq.cli import main as cli_main
 
+NO_BC = {"bias_correction": False}
 SEED_RULE = SensitivityPercentile(percentiles=[25, 75], bits=[4, 6, 8], target="w", a_bits=8)
 ROWS: list[tuple[str, Policy, dict]] = [
     # name, policy, Calibration settings changed from the config's
     ("uniform W8A8", Uniform(8, 8), {}),
     ("uniform W4A8 (per-channel W)", Uniform(4, 8), {}),
     ("seed percentile rule W4/6/8, A8", SEED_RULE, {}),
-    ("ablation: W4A8, no bias correction", Uniform(4, 8), {"bias_correction": False}),
-    ("ablation: W4A8, MSE weights, no bias corr.", Uniform(4, 8), {"bias_correction": False, "weight_observer": "mse"}),
-    ("ablation: seed rule, percentile A, no bias corr.", SEED_RULE, {"bias_correction": False, "act_observer": "percentile"}),
+    ("ablation: W4A8, no bias correction", Uniform(4, 8), NO_BC),
+    ("ablation: W4A8, MSE weights, no bias corr.", Uniform(4, 8), {**NO_BC, "weight_observer": "mse"}),
+    (
+        "ablation: seed rule, percentile A, no bias corr.",
+        SEED_RULE,
+        {**NO_BC, "act_observer": "percentile"},
+    ),
     ("uniform W4A4", Uniform(4, 4), {}),
-    ("uniform W4A4, min/max A, no bias corr. (naive)", Uniform(4, 4), {"bias_correction": False, "act_observer": "minmax"}),
+    (
+        "uniform W4A4, min/max A, no bias corr. (naive)",
+        Uniform(4, 4),
+        {**NO_BC, "act_observer": "minmax"},
+    ),
 ]
 
 
 def run(config: str, policy: Policy, calibration: dict, out: Path) -> dict:
     cli = cli_main(
-        ["--config", config, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={out}"],
+        [
+            "--config",
+            config,
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={out}",
+        ],
         run=False,
     )
     for callback in cli.trainer.callbacks:
@@ -65,15 +80,18 @@ def main() -> None:
     parser.add_argument("--config", default="configs/resnet20_cifar10.yaml")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/ptq_resnet20"))
     args = parser.parse_args()
-    results = [(name, run(args.config, policy, calib, args.out / f"row{i}")) for i, (name, policy, calib) in
-               enumerate(ROWS)]
+    results = [
+        (name, run(args.config, policy, calib, args.out / f"row{i}")) for i, (name, policy, calib) in enumerate(ROWS)
+    ]
     print(f"\n`python benchmarks/ptq_resnet20.py --config {args.config}` (CIFAR-10 lossless 1k test set)\n")
     print("| setting | top-1 % | energy µJ/img | rel. W8A8 | avg W bits | avg A bits | weights kB | time s |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| FP32 reference | {results[0][1]['top1_fp32']:.1f} | – | – | 32 | 32 | – | – |")
     for name, r in results:
-        print(f"| {name} | {r['top1']:.1f} | {r['energy_uj']:.2f} | {r['rel_int8']:.3f} | {r['avg_w']:.2f} "
-              f"| {r['avg_a']:.2f} | {r['size_kb']:.1f} | {r['seconds']:.1f} |")
+        print(
+            f"| {name} | {r['top1']:.1f} | {r['energy_uj']:.2f} | {r['rel_int8']:.3f} | {r['avg_w']:.2f} "
+            f"| {r['avg_a']:.2f} | {r['size_kb']:.1f} | {r['seconds']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

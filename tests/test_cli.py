@@ -19,6 +19,7 @@ from lit_mpq.cli import main
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
+FROM_FILE = "lit_mpq.allocation.FromFile"
 REQUIRED_TAGS = {
     "scalars": [
         "val/top1",
@@ -126,13 +127,14 @@ def test_tensorboard_event_file_has_every_required_tag(default_run):
 def test_from_file_reproduces_the_same_accuracy_exactly(default_run, tmp_path):
     cli, out = default_run
     first = json.loads((out / "results.json").read_text())
+    saved = out / "plan.yaml"
     # Re-apply the saved plan with FromFile instead of probing and the percentile rule.
     config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
     config["trainer"]["callbacks"] = [
         config["trainer"]["callbacks"][0],
         {
             "class_path": "lit_mpq.callbacks.BitAllocator",
-            "init_args": {"policy": {"class_path": "lit_mpq.allocation.FromFile", "init_args": {"path": str(out / "plan.yaml")}}},
+            "init_args": {"policy": {"class_path": FROM_FILE, "init_args": {"path": str(saved)}}},
         },
         {"class_path": "lit_mpq.callbacks.EnergyMeter"},
         {"class_path": "lit_mpq.callbacks.Report"},
@@ -212,7 +214,9 @@ def test_allocator_before_calibration_is_rejected(tmp_path):
         (None, set_callback_arg(1, "num_samples", -1), "num_samples"),
         (
             None,
-            set_callback_arg(2, "policy", {"class_path": "lit_mpq.allocation.FromFile", "init_args": {"path": "/no/plan.yaml"}}),
+            set_callback_arg(
+                2, "policy", {"class_path": "lit_mpq.allocation.FromFile", "init_args": {"path": "/no/plan.yaml"}}
+            ),
             "/no/plan.yaml",
         ),
     ],

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from lit_mpq.allocation.base import Allocation, Policy
-from lit_mpq.allocation.solver import Constraint, solve_multiple_choice
+from lit_mpq.allocation.solver import Constraint, InfeasibleBudgetError, solve_multiple_choice
 from lit_mpq.energy import HorowitzEnergyModel, uniform_energy
 from lit_mpq.energy.models import EnergyModel
 from lit_mpq.plan import LayerSpec, QuantPlan, effective_bits, validate_bits
@@ -291,7 +291,10 @@ class ExactAllocation(Policy):
         objective = self._objective(plan, names)
         constraints = self._constraints(plan, names, energy_model)
         start = perf_counter()
-        choice = solve_multiple_choice(objective, constraints)
+        try:
+            choice = solve_multiple_choice(objective, constraints)
+        except InfeasibleBudgetError as err:
+            raise InfeasibleBudgetError(f"{self.describe()} over {len(names)} free layers: {err}") from None
         seconds = perf_counter() - start
         options = self.options
         self.last_solution_info = {
@@ -312,7 +315,7 @@ class ExactAllocation(Policy):
         if self.energy_relative_to is not None:
             parts.append(f"energy<={self.energy_ratio:.2f}x{self.energy_relative_to.strip().upper()}")
         if self.energy_uj is not None:
-            parts.append(f"energy<={self.energy_uj:g} µJ")
+            parts.append(f"energy<={self.energy_uj:g} µJ/image")
         if self.size_mb is not None:
             parts.append(f"size<={self.size_mb:g} MB")
         if self.bit_ops_g is not None:

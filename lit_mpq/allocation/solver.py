@@ -27,9 +27,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +62,42 @@ is then 1e-10 of it."""
 
 _MAX_CUTS = 100
 """Most re-solves after solutions that HiGHS accepted within its tolerance but that break a budget exactly."""
+
+
+_HIGHS_OPTIONS = {"mip_rel_gap": 0.0, "presolve": False}
+"""Prove optimality (no relative gap). Presolve brings nothing to a multiple-choice problem and, in HiGHS 1.12,
+more often ends in the stray debug print that :func:`_quiet_stdout` hides."""
+
+
+def _flush_c_stdout() -> None:
+    """Flush the C library's stdout buffer (where HiGHS' ``printf`` output waits when stdout is not a terminal)."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Send the process' file descriptor 1 to ``os.devnull`` for the duration of the block.
+
+    HiGHS 1.12 (bundled with SciPy 1.17) prints ``HighsMipSolverData::transformNewIntegerFeasibleSolution
+    tmpSolver.run();`` to the C-level stdout whenever it repairs a postsolved solution, even with logging off
+    (https://github.com/ERGO-Code/HiGHS/issues/2783). Nothing else is written there while ``milp`` runs with
+    ``disp=False``. If file descriptor 1 cannot be duplicated, the block runs unchanged.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        _flush_c_stdout()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class InfeasibleBudgetError(ValueError):
@@ -226,9 +266,10 @@ def solve_multiple_choice(objective: np.ndarray, constraints: Sequence[Constrain
                 for c in cuts
             ]
             linear.append(LinearConstraint(vstack(cut_rows).tocsr(), -np.inf, num_layers - 1.0))
-        result = milp(
-            cost, integrality=np.ones(num_vars), bounds=bounds, constraints=linear, options={"mip_rel_gap": 0.0}
-        )
+        with _quiet_stdout():
+            result = milp(
+                cost, integrality=np.ones(num_vars), bounds=bounds, constraints=linear, options=_HIGHS_OPTIONS
+            )
         if result.status == 2:
             raise _infeasible(constraints, available)
         if result.x is None or not result.success:

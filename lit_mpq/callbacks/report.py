@@ -1,12 +1,14 @@
 """The ``Report`` callback.
 
 Writes what a run found: ``plan.yaml`` (the reusable allocation), ``results.json`` (accuracy, energy, size,
-average bits, timings, settings), PNG figures, and TensorBoard scalars, histograms, figures and hparams.
+average bits, timings, settings), ``card.yaml`` (the quantization card: every setting needed to reproduce and
+compare the result), PNG figures, and TensorBoard scalars, histograms, figures and hparams.
 Files are written on rank 0 only.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,17 @@ from typing_extensions import override
 
 from lit_mpq.callbacks._common import QUANT_STAGES, require_before, require_plan, run_dir
 from lit_mpq.callbacks.calibration import Calibration
+from lit_mpq.energy import HorowitzEnergyModel
 from lit_mpq.report import (
+    bit_distribution_pie,
     bit_width_figure,
+    build_card,
     energy_breakdown_figure,
     save_figure,
+    sensitivity_heatmap_figure,
     sensitivity_histogram_figure,
+    summary_figure,
+    write_card,
     write_results_json,
 )
 
@@ -78,6 +86,7 @@ class Report(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor | float)}
         results = self._results(pl_module, metrics)
         write_results_json(out / "results.json", results)
+        write_card(out / "card.yaml", self._card(trainer, pl_module))
         tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         for logger in tensorboards:
             self._log_tensorboard(logger, pl_module, metrics)
@@ -108,6 +117,38 @@ class Report(Callback):
         return results
 
     @staticmethod
+    def _card(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        calibration = pl_module.results.get("calibration", {})
+        sensitivity = pl_module.results.get("sensitivity", {})
+        datamodule = trainer.datamodule
+        hparams = dict(getattr(datamodule, "hparams", {}))
+        subset = hparams.get("calibration_subset", "random")
+        images = int(calibration.get("images", 0))
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        return build_card(
+            plan=pl_module.plan,
+            energy_model=getattr(pl_module, "energy_model", None) or HorowitzEnergyModel(),
+            weight_granularity=calibration.get("weight_granularity", "per_channel"),
+            weight_symmetric=bool(calibration.get("weight_symmetric", True)),
+            weight_observer=calibration.get("weight_observer", "minmax"),
+            act_observer=calibration.get("act_observer", "minmax"),
+            act_symmetric=bool(calibration.get("act_symmetric", False)),
+            percentile=calibration.get("percentile"),
+            bias_correction=bool(calibration.get("bias_correction", False)),
+            bn_folded=False,
+            calibration_images=images,
+            calibration_seed=hparams.get("calibration_seed"),
+            calibration_subset=f"{subset} {images} images of the calibration pool",
+            dataset=str(hparams.get("dataset", type(datamodule).__name__)),
+            sensitivity_metric=sensitivity.get("metric"),
+            policy=str(pl_module.results.get("allocation", {}).get("policy", "none")),
+            bits_candidates=sensitivity.get(
+                "candidate_bits", sorted({b for b in pl_module.plan.bits().values() for b in b if b is not None})
+            ),
+            seed_everything=int(seed) if seed is not None else None,
+        )
+
+    @staticmethod
     def _log_tensorboard(logger: TensorBoardLogger, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
         writer = logger.experiment
         plan = pl_module.plan
@@ -131,10 +172,13 @@ class Report(Callback):
     def _figures(plan, pl_module: pl.LightningModule, out: Path, tensorboards: list[TensorBoardLogger]) -> None:
         figures = {
             "bits_per_layer": bit_width_figure(plan),
+            "bit_distribution": bit_distribution_pie(plan),
             "sensitivity_histogram": sensitivity_histogram_figure(plan),
+            "sensitivity_heatmap": sensitivity_heatmap_figure(plan),
         }
         if "energy" in pl_module.results:
             figures["energy_breakdown"] = energy_breakdown_figure(pl_module.results["energy"])
+        figures["summary"] = summary_figure(plan, pl_module.results.get("energy"), None)
         for name, fig in figures.items():
             for logger in tensorboards:
                 logger.experiment.add_figure(f"figures/{name}", fig, 0, close=False)

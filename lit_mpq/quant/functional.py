@@ -85,12 +85,25 @@ def quantize_dequantize(
 ) -> Tensor:
     """The non-differentiable round trip ``(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale``.
 
-    Multiplies by the reciprocal of the scale, as PyTorch's kernels do, so results agree bit for bit.
+    Float32 inputs go through PyTorch's fused ``torch.fake_quantize_per_{tensor,channel}_affine`` kernels (one
+    pass over memory); other dtypes through the same arithmetic spelled out, multiplying by the reciprocal of the
+    scale as PyTorch's kernels do, so both paths agree bit for bit.
     """
+    if x.dtype == torch.float32 and (axis is None or scale.dim() == 1):
+        with torch.no_grad():
+            return _fused(x, scale, zero_point, qmin, qmax, axis)
     inv_scale = _broadcast(1.0 / scale, x, axis)
     zp = _broadcast(zero_point.to(x.dtype), x, axis)
     q = torch.clamp(torch.round(x * inv_scale) + zp, qmin, qmax)
     return (q - zp) * _broadcast(scale.to(x.dtype), x, axis)
+
+
+def _fused(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
+    scale = scale.to(device=x.device, dtype=torch.float32)
+    zero_point = zero_point.to(device=x.device, dtype=torch.int32)
+    if axis is None or scale.dim() == 0:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
 
 
 def fake_quantize(

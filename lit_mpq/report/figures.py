@@ -96,7 +96,7 @@ def _figure_width(n_layers: int) -> float:
 def _wrap(text: str, fig: Figure, fontsize: float) -> str:
     """Wrap each line of ``text`` so that a title at ``fontsize`` points fits the figure's width."""
     chars = max(40, int(fig.get_figwidth() * 72 / (0.65 * fontsize)))
-    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
 
 
 def _layer_ticks(ax: Any, names: Sequence[str], pinned: Sequence[bool] = ()) -> None:
@@ -437,7 +437,7 @@ def _draw_pareto(ax: Any, rows: Sequence[Mapping[str, Any]]) -> int:
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     if kinds:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     else:
         ax.text(
             0.5, 0.5, "no points with a finite energy and accuracy", ha="center", va="center", transform=ax.transAxes
@@ -633,8 +633,7 @@ def _draw_sensitivity_heatmap(fig: Figure, ax: Any, plan: QuantPlan, kind: str, 
     if not columns or np.isnan(matrix).all():
         _no_data(ax, f"no {label} sensitivity data", f"{label}: no sensitivity data")
         return False
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad(FP32_COLOR)
+    cmap = plt.get_cmap("viridis").with_extremes(bad=FP32_COLOR)
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap=cmap, interpolation="nearest")
     ax.set_xticks(np.arange(len(columns)))
     ax.set_xticklabels([str(bits) for bits in columns])

@@ -20,14 +20,13 @@ from lit_mpq.quant.apply import quant_layers, quantizers_mode
 ForwardFn = Callable[[Tensor], Tensor]
 
 
-def _weight_perturbation_outputs(layer: nn.Module, x: Tensor, deltas: list[Tensor]) -> list[Tensor]:
-    """``[f(x, delta) for delta in deltas]`` without bias, as one call with the deltas stacked as output channels."""
-    stacked = torch.cat(deltas)
+def _weight_perturbation_outputs(layer: nn.Module, x: Tensor, deltas: list[Tensor]) -> Tensor | list[Tensor]:
+    """``f(x, delta)`` for every delta without bias: one call with the deltas stacked as output channels."""
     if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:  # stacking would mix groups: fall back to one call per candidate
+        if layer.groups != 1:  # stacking would mix groups: one call per candidate
             return [layer._conv_forward(x, d, None) for d in deltas]
-        return list(layer._conv_forward(x, stacked, None).chunk(len(deltas), dim=1))
-    return list(torch.nn.functional.linear(x, stacked).chunk(len(deltas), dim=-1))
+        return layer._conv_forward(x, torch.cat(deltas), None)
+    return torch.nn.functional.linear(x, torch.cat(deltas))
 
 
 def _input_perturbation_outputs(layer: nn.Module, deltas: Tensor) -> Tensor:
@@ -130,22 +129,34 @@ def probe_output_error(
     layers = quant_layers(model)
     stats = SensitivityStats.empty(list(layers), candidates)
 
+    k = len(candidates)
+
     def make_hook(name: str):
         def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x, y = inputs[0], output
-            stats.output_sq[name] += float((y.double() ** 2).sum())
+            stats.output_sq[name] += float(torch.linalg.vector_norm(y.float())) ** 2
             # The layer is linear in its weight and in its input, so the output error of a perturbation is the
-            # layer applied to the perturbation alone (bias excluded); all candidates go through one batched call.
+            # layer applied to the perturbation alone (bias excluded); all candidates go through one batched call,
+            # and the squared errors of all candidates are reduced in one pass.
             if "w" in kinds:
                 deltas = [layer.weight_quantizer.quantize(layer.weight, b) - layer.weight for b in candidates]
-                errors = _weight_perturbation_outputs(layer, x, deltas)
-                for bits, err in zip(candidates, errors, strict=True):
-                    stats.weight_sq[name][bits] += float((err.double() ** 2).sum())
+                errors = _weight_perturbation_outputs(layer, x, deltas)  # [batch, k * out, ...] or a list
+                if isinstance(errors, list):
+                    sums = [float(torch.linalg.vector_norm(e)) ** 2 for e in errors]
+                else:
+                    channel_dim = 1 if isinstance(layer, nn.Conv2d) else errors.dim() - 1
+                    per_candidate = errors.unflatten(channel_dim, (k, -1)).movedim(channel_dim, 0).reshape(k, -1)
+                    sums = (torch.linalg.vector_norm(per_candidate, dim=1) ** 2).tolist()
+                for bits, value in zip(candidates, sums, strict=True):
+                    stats.weight_sq[name][bits] += value
             if "a" in kinds:
-                deltas = torch.cat([layer.input_quantizer.quantize(x, b) - x for b in candidates])
-                errors = _input_perturbation_outputs(layer, deltas).chunk(len(candidates))
-                for bits, err in zip(candidates, errors, strict=True):
-                    stats.act_sq[name][bits] += float((err.double() ** 2).sum())
+                deltas = torch.empty((k, *x.shape), dtype=x.dtype, device=x.device)
+                for i, bits in enumerate(candidates):
+                    torch.sub(layer.input_quantizer.quantize(x, bits), x, out=deltas[i])
+                errors = _input_perturbation_outputs(layer, deltas.flatten(0, 1)).reshape(k, -1)
+                sums = (torch.linalg.vector_norm(errors, dim=1) ** 2).tolist()
+                for bits, value in zip(candidates, sums, strict=True):
+                    stats.act_sq[name][bits] += value
 
         return hook
 

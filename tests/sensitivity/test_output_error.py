@@ -120,7 +120,7 @@ def test_probe_equals_brute_force_layer_output_error(model_name):
     assert list(stats.weight_sq) == list(expected) == list(quant_layers(model))
     assert stats.num_samples == sum(b.shape[0] for b in batches)
     for name, entry in expected.items():
-        assert stats.output_sq[name] == pytest.approx(entry["y"], rel=1e-9)
+        assert stats.output_sq[name] == pytest.approx(entry["y"], rel=1e-5)  # float32 sums
         for b in CANDIDATES:
             # The probe computes f(x, dW) instead of f(x, W_q) - f(x, W): equal up to float32 rounding.
             assert stats.weight_sq[name][b] == pytest.approx(entry["w"][b], rel=1e-5), (name, b)

@@ -1,0 +1,203 @@
+"""The quantization card: every setting needed to reproduce a result or compare it with another, as one YAML file.
+
+A card records how the model was quantized (granularity, symmetry, observers, rounding, BatchNorm handling), how
+it was calibrated (images, seed, subset, dataset), how bits were chosen (candidates, sensitivity metric, policy,
+first and last layer precision), how energy was priced (model, source, constants), and the software versions.
+Results (accuracy, energy totals) live in ``results.json``; the allocation itself in ``plan.yaml``.
+
+The argument names of :func:`build_card` match the fields of :class:`lit_mpq.quant.apply.QuantSettings`, so a
+caller can pass ``**dataclasses.asdict(settings)``.
+
+Example:
+    >>> from lit_mpq.energy import HorowitzEnergyModel
+    >>> from lit_mpq.plan import LayerSpec, QuantPlan
+    >>> plan = QuantPlan([LayerSpec(name="fc", kind="linear", params=20, macs=20, act_in=4, act_out=5)])
+    >>> card = build_card(
+    ...     plan=plan, energy_model=HorowitzEnergyModel(), weight_granularity="per_channel", weight_symmetric=True,
+    ...     weight_observer="minmax", act_observer="minmax", act_symmetric=False, percentile=None,
+    ...     bias_correction=False, bn_folded=False, calibration_images=256, calibration_seed=0,
+    ...     calibration_subset="first 256 training images", dataset="digits", sensitivity_metric=None,
+    ...     policy="Uniform(w_bits=8, a_bits=8)", bits_candidates=[4, 8], seed_everything=0,
+    ... )
+    >>> card["first_last_precision"]
+    {'first': 'W8A8', 'last': 'W8A8'}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import lit_mpq
+from lit_mpq.energy.models import EnergyModel, precision_key
+from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.quant.weights import GRANULARITIES
+from lit_mpq.report.files import to_plain
+
+__all__ = ["CARD_FORMAT_VERSION", "build_card", "write_card"]
+
+CARD_FORMAT_VERSION = 1
+
+BN_NOT_FOLDED_PER_CHANNEL = (
+    "not folded (BatchNorm kept in float after the quantized convolution; per-channel weight quantization is "
+    "invariant to folding)"
+)
+BN_NOT_FOLDED = "not folded"
+BN_FOLDED = "folded into the preceding convolution's weights and bias before quantization"
+ROUNDING = "nearest (round half to even)"
+BIAS_CORRECTION = " + bias correction"
+
+
+def batchnorm_folding_text(bn_folded: bool, weight_granularity: str) -> str:
+    """How BatchNorm was handled, in words.
+
+    Folding BatchNorm scales each output channel's weights by a positive or negative constant; a per-channel
+    weight quantizer derives one scale per output channel, so its result is the same (up to the sign, which a
+    symmetric range absorbs) whether BatchNorm was folded first or not. A per-tensor quantizer is not invariant.
+
+    Args:
+        bn_folded: True if BatchNorm was folded into the convolution before quantization.
+        weight_granularity: ``"per_channel"`` or ``"per_tensor"``.
+
+    Returns:
+        The sentence recorded under ``batchnorm_folding``.
+    """
+    if bn_folded:
+        return BN_FOLDED
+    return BN_NOT_FOLDED_PER_CHANNEL if weight_granularity == "per_channel" else BN_NOT_FOLDED
+
+
+def first_last_precision(plan: QuantPlan) -> dict[str, str | None]:
+    """Precision of the plan's first and last layers (model order) as ``"W<bits>A<bits>"``, ``"FP"`` for FP32.
+
+    Args:
+        plan: The plan at its current bit widths.
+
+    Returns:
+        ``{"first": ..., "last": ...}``; both ``None`` for an empty plan.
+    """
+    if len(plan) == 0:
+        return {"first": None, "last": None}
+    first, last = plan[plan.names[0]], plan[plan.names[-1]]
+    return {"first": precision_key(first.w_bits, first.a_bits), "last": precision_key(last.w_bits, last.a_bits)}
+
+
+def build_card(
+    *,
+    plan: QuantPlan,
+    energy_model: EnergyModel,
+    weight_granularity: str,
+    weight_symmetric: bool,
+    weight_observer: str,
+    act_observer: str,
+    act_symmetric: bool,
+    percentile: float | None,
+    bias_correction: bool,
+    bn_folded: bool,
+    calibration_images: int,
+    calibration_seed: int | None,
+    calibration_subset: str,
+    dataset: str,
+    sensitivity_metric: str | None,
+    policy: str,
+    bits_candidates: Sequence[int | None],
+    seed_everything: int | None,
+) -> dict[str, Any]:
+    """The quantization card of a run, as plain data ready for YAML or JSON.
+
+    Args:
+        plan: The plan at its final bit widths (first/last precision and a short summary are taken from it).
+        energy_model: The energy model that priced the plan (name, source and constants are recorded).
+        weight_granularity: ``"per_channel"`` or ``"per_tensor"``.
+        weight_symmetric: Signed symmetric weight range.
+        weight_observer: Weight range method, e.g. ``"minmax"`` or ``"mse"``.
+        act_observer: Activation observer, e.g. ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        act_symmetric: Signed symmetric activation range.
+        percentile: Percentile kept by the percentile observer; recorded only when ``act_observer`` is
+            ``"percentile"`` (``None`` otherwise, since it had no effect).
+        bias_correction: Whether bias correction was applied after weight quantization.
+        bn_folded: Whether BatchNorm was folded into the convolutions before quantization (lit_mpq's fake
+            quantization does not fold: pass ``False``).
+        calibration_images: Number of calibration images.
+        calibration_seed: Seed that chose the calibration images, or ``None``.
+        calibration_subset: Which images, in words (e.g. ``"first 512 images of the training split"``).
+        dataset: Dataset name (e.g. ``"cifar10"``).
+        sensitivity_metric: Name of the sensitivity probe's metric, or ``None`` when no probe ran.
+        policy: The allocation policy's ``describe()`` string.
+        bits_candidates: Candidate bit widths the policy chose from (``None`` = FP32).
+        seed_everything: The run's global seed (``seed_everything``), or ``None``.
+
+    Returns:
+        The card: an ordered dict of plain values (see the module docstring for the sections).
+
+    Raises:
+        ValueError: If ``weight_granularity`` is unknown, ``calibration_images`` is negative, or a candidate bit
+            width is not supported.
+    """
+    if weight_granularity not in GRANULARITIES:
+        raise ValueError(f"weight_granularity={weight_granularity!r} is unknown: use one of {list(GRANULARITIES)}")
+    if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 0:
+        raise ValueError(f"calibration_images={calibration_images!r} must be a non-negative integer")
+    candidates = [validate_bits(bits, "bits_candidates") for bits in bits_candidates]
+    candidates.sort(key=lambda bits: (bits is None, bits or 0))
+    card: dict[str, Any] = {
+        "card_version": CARD_FORMAT_VERSION,
+        "weight_granularity": weight_granularity,
+        "weight_symmetric": bool(weight_symmetric),
+        "weight_observer": weight_observer,
+        "act_observer": act_observer,
+        "act_symmetric": bool(act_symmetric),
+        "percentile": float(percentile) if act_observer == "percentile" and percentile is not None else None,
+        "first_last_precision": first_last_precision(plan),
+        "batchnorm_folding": batchnorm_folding_text(bn_folded, weight_granularity),
+        "calibration": {
+            "images": calibration_images,
+            "seed": calibration_seed,
+            "subset": calibration_subset,
+            "dataset": dataset,
+        },
+        "rounding": ROUNDING + (BIAS_CORRECTION if bias_correction else ""),
+        "sensitivity_metric": sensitivity_metric,
+        "policy": policy,
+        "bits_candidates": candidates,
+        "energy_model": {
+            "name": energy_model.name,
+            "source": energy_model.source,
+            "constants": dict(energy_model.constants()),
+        },
+        "plan": {
+            "layers": len(plan),
+            "pinned": [spec.name for spec, lp in plan.items() if lp.pinned],
+            "average_weight_bits": plan.average_weight_bits(),
+            "average_act_bits": plan.average_act_bits(),
+        },
+        "lit_mpq_version": lit_mpq.__version__,
+        "torch_version": str(torch.__version__),
+        "seed_everything": seed_everything,
+    }
+    return to_plain(card)
+
+
+def write_card(path: str | Path, card: Mapping[str, Any]) -> Path:
+    """Write ``card`` as YAML (keys in the card's order); parent folders are created.
+
+    Args:
+        path: Destination file, e.g. ``<log_dir>/quantization_card.yaml``.
+        card: The dict returned by :func:`build_card` (NumPy/torch values are converted to plain Python).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If ``card`` is not a mapping.
+    """
+    if not isinstance(card, Mapping):
+        raise ValueError(f"card must be the dict returned by build_card, got {type(card).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_plain(card), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lit_mpq.quant.apply import quant_layers, quantizers_mode
@@ -20,20 +21,41 @@ from lit_mpq.quant.apply import quant_layers, quantizers_mode
 ForwardFn = Callable[[Tensor], Tensor]
 
 
-def _weight_perturbation_outputs(layer: nn.Module, x: Tensor, deltas: list[Tensor]) -> Tensor | list[Tensor]:
+def _apply(layer: nn.Module, x: Tensor, weight: Tensor, subsample: int) -> Tensor:
+    """The layer without bias, evaluated at every ``subsample``-th output position (row and column, or token).
+
+    A convolution with ``subsample`` times its stride computes exactly the outputs at positions ``0, k, 2k, ...``
+    of the full one; for a Linear over tokens (``[batch, tokens, features]``) every ``subsample``-th token is used.
+    """
+    if isinstance(layer, nn.Conv2d):
+        if subsample == 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            return layer._conv_forward(x, weight, None)
+        stride = tuple(s * subsample for s in layer.stride)
+        return F.conv2d(x, weight, None, stride, layer.padding, layer.dilation, layer.groups)
+    if subsample > 1 and x.dim() > 2:
+        x = x[:, ::subsample]
+    return F.linear(x, weight)
+
+
+def _positions(t: Tensor, layer: nn.Module) -> int:
+    """Output positions per image: spatial size of a convolution output, tokens of a Linear over tokens."""
+    if isinstance(layer, nn.Conv2d):
+        return t.shape[-1] * t.shape[-2]
+    return t[0].numel() // t.shape[-1] if t.dim() > 2 else 1
+
+
+def _weight_perturbation_outputs(
+    layer: nn.Module, x: Tensor, deltas: list[Tensor], subsample: int = 1
+) -> Tensor | list[Tensor]:
     """``f(x, delta)`` for every delta without bias: one call with the deltas stacked as output channels."""
-    if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:  # stacking would mix groups: one call per candidate
-            return [layer._conv_forward(x, d, None) for d in deltas]
-        return layer._conv_forward(x, torch.cat(deltas), None)
-    return torch.nn.functional.linear(x, torch.cat(deltas))
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:  # stacking would mix groups: one call per candidate
+        return [_apply(layer, x, d, subsample) for d in deltas]
+    return _apply(layer, x, torch.cat(deltas), subsample)
 
 
-def _input_perturbation_outputs(layer: nn.Module, deltas: Tensor) -> Tensor:
+def _input_perturbation_outputs(layer: nn.Module, deltas: Tensor, subsample: int = 1) -> Tensor:
     """``f(delta, W)`` without bias for inputs stacked along the batch dimension."""
-    if isinstance(layer, nn.Conv2d):
-        return layer._conv_forward(deltas, layer.weight, None)
-    return torch.nn.functional.linear(deltas, layer.weight)
+    return _apply(layer, deltas, layer.weight, subsample)
 
 
 @dataclass
@@ -113,6 +135,7 @@ def probe_output_error(
     candidates: list[int],
     forward: ForwardFn | None = None,
     kinds: tuple[str, ...] = ("w", "a"),
+    subsample: int = 1,
 ) -> SensitivityStats:
     """Accumulate every layer's output error for every candidate bit width over ``batches``.
 
@@ -125,7 +148,12 @@ def probe_output_error(
         candidates: Bit widths to probe.
         forward: Callable running the model on a batch (default ``model``).
         kinds: Which tensors to probe: ``"w"`` (weights) and/or ``"a"`` (input activations).
+        subsample: Measure the perturbed outputs at every ``subsample``-th output row and column of a convolution
+            (every ``subsample``-th token of a Linear over tokens) and scale the sums by the inverse fraction: an
+            unbiased estimate of the full sums at about ``1 / subsample^2`` of the extra convolution work. 1 is exact.
     """
+    if subsample < 1:
+        raise ValueError(f"subsample must be a positive integer (1 = exact), got {subsample}")
     layers = quant_layers(model)
     stats = SensitivityStats.empty(list(layers), candidates)
 
@@ -140,23 +168,25 @@ def probe_output_error(
             # and the squared errors of all candidates are reduced in one pass.
             if "w" in kinds:
                 deltas = [layer.weight_quantizer.quantize(layer.weight, b) - layer.weight for b in candidates]
-                errors = _weight_perturbation_outputs(layer, x, deltas)  # [batch, k * out, ...] or a list
+                errors = _weight_perturbation_outputs(layer, x, deltas, subsample)  # [batch, k * out, ...] or a list
                 if isinstance(errors, list):
                     sums = [float(torch.linalg.vector_norm(e)) ** 2 for e in errors]
                 else:
                     channel_dim = 1 if isinstance(layer, nn.Conv2d) else errors.dim() - 1
                     per_candidate = errors.unflatten(channel_dim, (k, -1)).movedim(channel_dim, 0).reshape(k, -1)
                     sums = (torch.linalg.vector_norm(per_candidate, dim=1) ** 2).tolist()
+                scale = _positions(y, layer) / _positions(errors[0] if isinstance(errors, list) else errors, layer)
                 for bits, value in zip(candidates, sums, strict=True):
-                    stats.weight_sq[name][bits] += value
+                    stats.weight_sq[name][bits] += value * scale
             if "a" in kinds:
                 deltas = torch.empty((k, *x.shape), dtype=x.dtype, device=x.device)
                 for i, bits in enumerate(candidates):
                     torch.sub(layer.input_quantizer.quantize(x, bits), x, out=deltas[i])
-                errors = _input_perturbation_outputs(layer, deltas.flatten(0, 1)).reshape(k, -1)
-                sums = (torch.linalg.vector_norm(errors, dim=1) ** 2).tolist()
+                errors = _input_perturbation_outputs(layer, deltas.flatten(0, 1), subsample)
+                scale = _positions(y, layer) / _positions(errors, layer)
+                sums = (torch.linalg.vector_norm(errors.reshape(k, -1), dim=1) ** 2).tolist()
                 for bits, value in zip(candidates, sums, strict=True):
-                    stats.act_sq[name][bits] += value
+                    stats.act_sq[name][bits] += value * scale
 
         return hook
 

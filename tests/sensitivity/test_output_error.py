@@ -222,3 +222,39 @@ def test_probe_requires_calibrated_observers():
     quantize_model(model, QuantSettings())
     with pytest.raises(RuntimeError, match="calibration"):
         probe_output_error(model, make_batches("mlp"), CANDIDATES)
+
+
+def test_subsampled_positions_estimate_the_full_sums():
+    """Every 2nd row/column (or token): an unbiased estimate, here within 10 % of the exact sums."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=1, padding=1))
+    quantize_model(model, QuantSettings())
+    batches = [torch.randn(4, 3, 24, 24) for _ in range(2)]
+    set_mode(model, weights="off", activations="observe")
+    for x in batches:
+        model(x)
+    set_mode(model, weights="off", activations="off")
+    exact = probe_output_error(model, batches, CANDIDATES)
+    estimate = probe_output_error(model, batches, CANDIDATES, subsample=2)
+    for name in exact.weight_sq:
+        assert estimate.output_sq[name] == pytest.approx(exact.output_sq[name], rel=1e-6)
+        for b in CANDIDATES:
+            assert estimate.weight_sq[name][b] == pytest.approx(exact.weight_sq[name][b], rel=0.1)
+            assert estimate.act_sq[name][b] == pytest.approx(exact.act_sq[name][b], rel=0.1)
+    with pytest.raises(ValueError, match="subsample"):
+        probe_output_error(model, batches, CANDIDATES, subsample=0)
+
+
+def test_subsampled_tokens_for_a_linear_over_tokens():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 16))
+    quantize_model(model, QuantSettings())
+    batches = [torch.randn(3, 50, 16)]
+    set_mode(model, weights="off", activations="observe")
+    model(batches[0])
+    set_mode(model, weights="off", activations="off")
+    exact = probe_output_error(model, batches, CANDIDATES)
+    estimate = probe_output_error(model, batches, CANDIDATES, subsample=2)
+    for b in CANDIDATES:
+        assert estimate.weight_sq["0"][b] == pytest.approx(exact.weight_sq["0"][b], rel=0.15)
+        assert estimate.act_sq["0"][b] == pytest.approx(exact.act_sq["0"][b], rel=0.15)

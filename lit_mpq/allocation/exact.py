@@ -147,7 +147,7 @@ class ExactAllocation(Policy):
 
     def __init__(
         self,
-        w_candidates: list[int] = [2, 3, 4, 6, 8],  # noqa: B006 - jsonargparse shows list defaults
+        w_candidates: list[int] = [4, 6, 8],  # noqa: B006 - jsonargparse shows list defaults; = the probe default
         a_candidates: list[int] = [4, 6, 8],  # noqa: B006
         energy_uj: float | None = None,
         energy_relative_to: str | None = None,

@@ -34,7 +34,7 @@ class RandomAllocation(ExactAllocation):
     def __init__(
         self,
         seed: int = 0,
-        w_candidates: list[int] = [2, 3, 4, 6, 8],  # noqa: B006 - jsonargparse shows list defaults
+        w_candidates: list[int] = [4, 6, 8],  # noqa: B006 - jsonargparse shows list defaults; = the probe default
         a_candidates: list[int] = [4, 6, 8],  # noqa: B006
         energy_uj: float | None = None,
         energy_relative_to: str | None = None,

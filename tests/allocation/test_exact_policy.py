@@ -257,7 +257,7 @@ def test_infeasible_bit_ops_with_a_feasible_second_budget() -> None:
 def test_missing_sensitivity_names_layer_kind_and_bits() -> None:
     plan = make_plan(probed=[4, 6, 8])
     with pytest.raises(ValueError, match=r"layer 'conv1' has no 'w' sensitivity for bits \[2, 3\]") as info:
-        ExactAllocation(energy_relative_to="W4A4").allocate(plan)
+        ExactAllocation(w_candidates=[2, 3, 4, 6, 8], energy_relative_to="W4A4").allocate(plan)
     assert "SensitivityProbe.candidate_bits" in str(info.value) and "4 more layers" in str(info.value)
     with pytest.raises(ValueError, match=r"'a' sensitivity for bits \[2\]"):
         ExactAllocation(w_candidates=[4, 8], a_candidates=[2, 8], size_mb=1.0).allocate(plan)

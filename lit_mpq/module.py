@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import LightningModule
 from torch import Tensor
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_mpq.models import backbone_input_size, create_backbone
@@ -72,6 +73,8 @@ class MPQModule(LightningModule):
         self.val_top1_fp32 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
         self.val_top5_fp32 = MulticlassAccuracy(self.num_classes, top_k=top_k, average="micro")
         self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        # A metric, not a plain mean: per-rank shard sizes may differ, and sums merge exactly across ranks.
+        self.val_loss = MeanMetric()
         self.plan: QuantPlan | None = None
         """Set by the ``Calibration`` callback; read and written by the other callbacks."""
         self.results: dict[str, Any] = {}
@@ -110,7 +113,8 @@ class MPQModule(LightningModule):
         logits = self(x)
         self.val_top1(logits, y)
         self.val_top5(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        self.val_loss(F.cross_entropy(logits, y), weight=y.numel())
+        self.log("val/loss", self.val_loss, on_epoch=True)
         self.log("val/top1", self.val_top1, on_epoch=True)
         self.log("val/top5", self.val_top5, on_epoch=True)
         if self.hparams.fp32_reference:

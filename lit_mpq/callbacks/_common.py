@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from lit_mpq.plan import QuantPlan
@@ -18,7 +20,10 @@ QUANT_STAGES = ("validate", "test")
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """Directory for this run's files: the logger's version directory, else ``default_root_dir``."""
+    """Directory for this run's files: the logger's version directory, else ``default_root_dir``.
+
+    ``trainer.log_dir`` broadcasts from rank 0, so every rank must call this, never only rank 0.
+    """
     path = Path(trainer.log_dir or trainer.default_root_dir)
     return path
 
@@ -45,27 +50,55 @@ def require_before(trainer: pl.Trainer, me: pl.Callback, needed: type, why: str)
         )
 
 
-def calibration_batches(trainer: pl.Trainer, desc: str, limit: int | None = None) -> Iterator[Tensor]:
-    """Calibration inputs on the model's device, with a progress bar on rank 0.
+def calibration_shard(trainer: pl.Trainer, limit: int | None = None) -> tuple[DataLoader, int]:
+    """This rank's part of the calibration set, in whole global batches, and the global number of images.
 
-    Args:
-        trainer: The running trainer; its datamodule must provide ``calib_dataloader()``.
-        desc: Progress-bar label.
-        limit: Stop after this many images (whole batches, the last one cut).
+    The calibration images (the first ``limit`` of the datamodule's calibration split) are cut into batches exactly as
+    on one device; rank ``r`` of ``N`` takes a contiguous block of about ``1/N`` of those batches. Every batch is
+    therefore the same on any number of devices, so per-batch statistics agree bit for bit, and statistics merged in
+    batch order equal the single-device ones.
 
     Raises:
         MisconfigurationException: If the datamodule has no ``calib_dataloader``.
-        ValueError: If the calibration loader yields no data.
+        ValueError: If the calibration set is empty.
     """
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "calib_dataloader"):
         raise MisconfigurationException(
             "calibration needs a datamodule with calib_dataloader(); use one of lit_mpq.data's DataModules"
         )
-    loader = datamodule.calib_dataloader()
-    seen = 0
+    reference = datamodule.calib_dataloader()
+    dataset, batch_size = reference.dataset, reference.batch_size or 1
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    if total == 0:
+        raise ValueError("the calibration set is empty: set num_calibration_samples to a positive number")
+    num_batches = -(-total // batch_size)
+    world, rank = trainer.world_size, trainer.global_rank
+    first = rank * num_batches // world
+    last = (rank + 1) * num_batches // world
+    indices = list(range(first * batch_size, min(last * batch_size, total)))
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=reference.num_workers,
+        collate_fn=reference.collate_fn,
+        pin_memory=reference.pin_memory,
+    )
+    return loader, total
+
+
+def calibration_batches(trainer: pl.Trainer, desc: str, limit: int | None = None) -> Iterator[Tensor]:
+    """This rank's calibration inputs (see :func:`calibration_shard`) on the model's device, with a progress bar.
+
+    Args:
+        trainer: The running trainer; its datamodule must provide ``calib_dataloader()``.
+        desc: Progress-bar label.
+        limit: Use only the first ``limit`` calibration images.
+    """
+    loader, _ = calibration_shard(trainer, limit)
     with tqdm(
-        total=limit or len(loader.dataset),
+        total=len(loader.dataset),
         desc=desc,
         unit="img",
         disable=not trainer.is_global_zero,
@@ -74,18 +107,26 @@ def calibration_batches(trainer: pl.Trainer, desc: str, limit: int | None = None
     ) as bar:
         for batch in loader:
             x = batch[0] if isinstance(batch, list | tuple) else batch
-            if limit is not None:
-                x = x[: limit - seen]
-            if x.shape[0] == 0:
-                break
-            x = trainer.strategy.batch_to_device(x)
-            seen += int(x.shape[0])
             bar.update(int(x.shape[0]))
-            yield x
-            if limit is not None and seen >= limit:
-                break
-    if seen == 0:
-        raise ValueError("the calibration set is empty: set num_calibration_samples to a positive number")
+            yield trainer.strategy.batch_to_device(x)
+
+
+def gather_rows(trainer: pl.Trainer, rows: Tensor) -> Tensor:
+    """Concatenate every rank's ``[n_r, D]`` rows in rank order (``n_r`` may differ); identity on one device."""
+    if trainer.world_size == 1:
+        return rows
+    import torch.distributed as dist
+
+    device = trainer.strategy.root_device
+    count = torch.tensor([rows.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(trainer.world_size)]
+    dist.all_gather(counts, count)
+    longest = int(max(int(c) for c in counts))
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    gathered = [torch.zeros_like(padded) for _ in range(trainer.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)]).to(rows.device)
 
 
 def strategy_reduce(trainer: pl.Trainer):
@@ -103,6 +144,20 @@ def strategy_reduce(trainer: pl.Trainer):
         return work.to(tensor.device)
 
     return reduce
+
+
+@contextmanager
+def measure_phase(pl_module: pl.LightningModule, phase: str) -> Iterator[None]:
+    """Count the enclosed work's energy and time under ``phase`` when an ``EnergyMeter`` set up a phase meter."""
+    meter = getattr(pl_module, "phase_meter", None)
+    if meter is None:
+        yield
+        return
+    meter.start(phase)
+    try:
+        yield
+    finally:
+        meter.stop(phase)
 
 
 def timer() -> float:

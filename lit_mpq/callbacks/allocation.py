@@ -109,6 +109,7 @@ class BitAllocator(Callback):
         self._done = True
         seconds = timer() - start
         pl_module.results["allocation"] = {"policy": self.policy.describe(), "seconds": seconds}
+        out = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
-            plan.to_yaml(run_dir(trainer) / "plan.yaml")
+            plan.to_yaml(out / "plan.yaml")
         pl_module.log("time/allocation_s", seconds)

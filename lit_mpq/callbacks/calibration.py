@@ -4,8 +4,9 @@ Prepares the model for quantization and collects activation statistics on the ca
 
 ``setup`` swaps every Conv2d/Linear of the backbone for a fake-quantized twin and measures the layers into the
 module's :class:`~lit_mpq.plan.QuantPlan` (structure only: no data, no logging). ``on_validation_start`` runs
-the calibration images through the float model with the input observers recording, merges the statistics
-across ranks through their declared reductions, and leaves the quantizers off until an allocation is applied.
+the calibration images through the float model with the input observers recording (each rank its own shard of
+whole batches), merges the statistics across ranks through their declared reductions, and leaves the quantizers
+off until an allocation is applied.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_mpq.callbacks._common import QUANT_STAGES, calibration_batches, require_plan, strategy_reduce, timer
+from lit_mpq.callbacks._common import (
+    QUANT_STAGES,
+    calibration_batches,
+    gather_rows,
+    measure_phase,
+    require_plan,
+    strategy_reduce,
+    timer,
+)
 from lit_mpq.plan import QuantPlan
-from lit_mpq.quant.apply import QuantSettings, measure_layers, quantize_model, set_mode
+from lit_mpq.quant.apply import QuantSettings, invalidate_qparams, measure_layers, quantize_model, set_mode
 from lit_mpq.quant.observers import sync_observers
 
 
@@ -80,19 +89,23 @@ class Calibration(Callback):
         set_mode(pl_module.model, weights="off", activations="observe")
         seen = 0
         try:
-            for x in calibration_batches(trainer, "calibration", self.num_samples):
-                pl_module(x)
-                seen += int(x.shape[0])
+            with measure_phase(pl_module, "calibration"):
+                for x in calibration_batches(trainer, "calibration", self.num_samples):
+                    pl_module(x)
+                    seen += int(x.shape[0])
         finally:
             set_mode(pl_module.model, weights="off", activations="off")
         sync_observers(pl_module.model, strategy_reduce(trainer))
-        total = int(strategy_reduce(trainer)(torch.tensor(seen, dtype=torch.int64), "sum"))
+        invalidate_qparams(pl_module.model)
+        per_rank = [int(n) for n in gather_rows(trainer, torch.tensor([[seen]], dtype=torch.int64))[:, 0]]
+        total = sum(per_rank)
         self._calibrated = True
         pl_module.results["calibration"] = {
             "images": total,
-            "images_this_rank": seen,
+            "images_per_rank": per_rank,
             "seconds": timer() - start,
             **vars(self.settings),
         }
-        pl_module.log("calib/num_images", float(total), sync_dist=False)
+        pl_module.log("calib/num_images", float(total))
+        pl_module.log("calib/max_images_per_rank", float(max(per_rank)))
         pl_module.log("time/calibration_s", pl_module.results["calibration"]["seconds"])

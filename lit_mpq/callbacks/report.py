@@ -21,6 +21,7 @@ from typing_extensions import override
 from lit_mpq.callbacks._common import QUANT_STAGES, require_before, require_plan, run_dir
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.energy import HorowitzEnergyModel
+from lit_mpq.quant.apply import quant_layers
 from lit_mpq.report import (
     bit_distribution_pie,
     bit_width_figure,
@@ -77,16 +78,19 @@ class Report(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
+            return
+        out = self._dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
             return
         plan = require_plan(pl_module, "Report")
-        out = self._dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         plan.to_yaml(out / "plan.yaml")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor | float)}
         results = self._results(pl_module, metrics)
         write_results_json(out / "results.json", results)
         write_card(out / "card.yaml", self._card(trainer, pl_module))
+        write_results_json(out / "activation_qparams.json", self._activation_qparams(pl_module))
         tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         for logger in tensorboards:
             self._log_tensorboard(logger, pl_module, metrics)
@@ -115,6 +119,24 @@ class Report(Callback):
         if "energy" in pl_module.results:
             results["energy"]["per_layer"] = pl_module.results["energy"]["per_layer"]
         return results
+
+    @staticmethod
+    def _activation_qparams(pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Each layer's input-observer range and, at its allocated bits, scale and zero point (for audits)."""
+        table = {}
+        for name, layer in quant_layers(pl_module.model).items():
+            quantizer = layer.input_quantizer
+            row: dict[str, Any] = {
+                "observer": type(quantizer.observer).__name__,
+                "min": float(quantizer.observer.min_val),
+                "max": float(quantizer.observer.max_val),
+                "bits": quantizer.bits,
+            }
+            if quantizer.bits is not None and quantizer.observer.has_data:
+                scale, zero_point = quantizer.qparams(quantizer.bits)
+                row["scale"], row["zero_point"] = float(scale), int(zero_point)
+            table[name] = row
+        return table
 
     @staticmethod
     def _card(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

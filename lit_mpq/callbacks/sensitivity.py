@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import (
     QUANT_STAGES,
     calibration_batches,
+    gather_rows,
+    measure_phase,
     require_before,
     require_plan,
     run_dir,
-    strategy_reduce,
     timer,
 )
 from lit_mpq.callbacks.calibration import Calibration
@@ -123,11 +125,18 @@ class SensitivityProbe(Callback):
         return Path(self.cache_dir) / f"{key}.json" if self.cache_dir else None
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: QuantPlan) -> tuple[dict, int]:
+        """Probe batch by batch and add the per-batch sums in global batch order, so any device count agrees."""
         probe, transform = SENSITIVITY_METRICS[self.metric]
-        batches = calibration_batches(trainer, f"sensitivity probe ({self.metric})", self.num_samples)
         extra = {"subsample": self.subsample} if self.metric.startswith("output") else {}
-        stats = probe(pl_module.model, batches, self.candidate_bits, kinds=tuple(self.kinds), **extra)
-        packed = strategy_reduce(trainer)(stats.as_tensor(plan.names, self.candidate_bits), "sum")
+        rows = [
+            probe(pl_module.model, [x], self.candidate_bits, kinds=tuple(self.kinds), **extra).as_tensor(
+                plan.names, self.candidate_bits
+            )
+            for x in calibration_batches(trainer, f"sensitivity probe ({self.metric})", self.num_samples)
+        ]
+        width = len(plan.names) * (2 * len(self.candidate_bits) + 1) + 1
+        local = torch.stack(rows) if rows else torch.zeros((0, width), dtype=torch.float64)
+        packed = gather_rows(trainer, local).sum(dim=0)
         stats = SensitivityStats.from_tensor(packed, plan.names, self.candidate_bits)
         scores = stats.scores(transform)
         return {name: {k: table[k] for k in self.kinds} for name, table in scores.items()}, stats.num_samples
@@ -149,7 +158,8 @@ class SensitivityProbe(Callback):
             }
             images = int(cached["images"])
         else:
-            scores, images = self._probe(trainer, pl_module, plan)
+            with measure_phase(pl_module, "probe"):
+                scores, images = self._probe(trainer, pl_module, plan)
         for name, table in scores.items():
             plan[name].sensitivity = table
         seconds = timer() - start
@@ -164,9 +174,9 @@ class SensitivityProbe(Callback):
             "cache_key": key,
             "subsample": self.subsample,
         }
+        out = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
             document = {"metric": self.metric, "images": images, "layers": scores}
-            out = run_dir(trainer)
             out.mkdir(parents=True, exist_ok=True)
             (out / "sensitivity.json").write_text(json.dumps(document, indent=2))
             if key is not None and cached is None:

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-__all__ = ["CALIBRATION_SUBSETS", "ClassificationDataModule"]
+__all__ = ["CALIBRATION_SUBSETS", "ClassificationDataModule", "ExactDistributedSampler"]
 
 CALIBRATION_SUBSETS: tuple[str, ...] = ("random", "first")
 """How the calibration subset is drawn from the pool: a seeded random sample, or the first N images."""
@@ -31,6 +31,34 @@ CALIBRATION_SUBSETS: tuple[str, ...] = ("random", "first")
 def _check_positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class ExactDistributedSampler(DistributedSampler):
+    """Splits a dataset into contiguous per-rank shards without padding: every sample is seen exactly once.
+
+    ``torch``'s ``DistributedSampler`` pads the dataset to a multiple of the world size (9 samples become 5 + 5), so
+    multi-device accuracy double-counts a few images. Being a ``DistributedSampler``, this one is left in place by
+    Lightning; shards differ in length by at most one sample, and metrics that sum counts across ranks
+    (torchmetrics) then give exactly the single-device figure.
+
+    Args:
+        dataset: The evaluation dataset.
+        num_replicas: World size.
+        rank: This process's rank.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        size = len(dataset)  # type: ignore[arg-type]
+        self.start, self.stop = rank * size // num_replicas, (rank + 1) * size // num_replicas
+        self.num_samples = self.stop - self.start
+        self.total_size = size
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class ClassificationDataModule(LightningDataModule):
@@ -143,8 +171,19 @@ class ClassificationDataModule(LightningDataModule):
         return self._loader(self.train_set, self.batch_size, shuffle=True, generator=generator, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
-        """Evaluation loader, in dataset order."""
+        """Evaluation loader, in dataset order; under DDP, this rank's contiguous shard, every image exactly once."""
         self._ensure_setup()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                sampler = ExactDistributedSampler(self.val_set, world, torch.distributed.get_rank())
+                return DataLoader(
+                    self.val_set,
+                    batch_size=self.batch_size,
+                    sampler=sampler,
+                    num_workers=self.num_workers,
+                    persistent_workers=self.num_workers > 0,
+                )
         return self._loader(self.val_set, self.batch_size)
 
     def test_dataloader(self) -> DataLoader:

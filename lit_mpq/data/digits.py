@@ -34,6 +34,8 @@ class DigitsDataModule(ClassificationDataModule):
         num_calibration_samples: Calibration images drawn from the 300-image calibration pool.
         calibration_seed: Seed of the calibration draw and of the training shuffle.
         calibration_subset: ``"random"`` or ``"first"``.
+        max_val_samples: Evaluate only the first N validation images (e.g. an odd count to check multi-device
+            evaluation); default: all 450.
 
     Example:
         >>> dm = DigitsDataModule(num_calibration_samples=64)
@@ -51,6 +53,7 @@ class DigitsDataModule(ClassificationDataModule):
         num_calibration_samples: int = 256,
         calibration_seed: int = 0,
         calibration_subset: str = "random",
+        max_val_samples: int | None = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -61,7 +64,10 @@ class DigitsDataModule(ClassificationDataModule):
         )
         if isinstance(split_seed, bool) or not isinstance(split_seed, int):
             raise ValueError(f"split_seed must be an integer, got {split_seed!r}.")
+        if max_val_samples is not None and not 0 < max_val_samples <= NUM_VAL:
+            raise ValueError(f"max_val_samples must be in 1..{NUM_VAL} (or null for all), got {max_val_samples}")
         self.split_seed = split_seed
+        self.max_val_samples = max_val_samples
         self.train_indices: list[int] = []
         self.calib_pool_indices: list[int] = []
         self.val_indices: list[int] = []
@@ -85,7 +91,7 @@ class DigitsDataModule(ClassificationDataModule):
         labels = torch.as_tensor(digits.target, dtype=torch.int64)
 
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
-        self.val_indices = sorted(perm[:NUM_VAL].tolist())
+        self.val_indices = sorted(perm[:NUM_VAL].tolist())[: self.max_val_samples]
         self.calib_pool_indices = sorted(perm[NUM_VAL : NUM_VAL + NUM_CALIB_POOL].tolist())
         self.train_indices = sorted(perm[NUM_VAL + NUM_CALIB_POOL :].tolist())
 

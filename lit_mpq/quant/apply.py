@@ -191,6 +191,12 @@ def set_mode(model: nn.Module, weights: str | None = None, activations: str | No
             quantizer.set_mode(activations)
 
 
+def invalidate_qparams(model: nn.Module) -> None:
+    """Forget cached quantization parameters (after statistics changed outside ``observe`` mode, e.g. a sync)."""
+    for quantizer in _quantizers(model):
+        quantizer._cache.clear()
+
+
 def current_modes(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """Every quantizer with its current mode (to restore later)."""
     return [(q, q.mode) for q in _quantizers(model)]

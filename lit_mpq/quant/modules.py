@@ -35,8 +35,9 @@ class _Quantizer(nn.Module):
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"quantizer mode must be one of {MODES}, got {mode!r}")
+        if mode == "observe" or self.mode == "observe":  # statistics may change: derived parameters are stale
+            self._cache.clear()
         self.mode = mode
-        self._cache.clear()
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, symmetric={self.symmetric}, mode={self.mode}"

@@ -64,7 +64,7 @@ def evaluate(config: str, out: Path, metric: str, policy: Policy, first_last_bit
     }
 
 
-def probe_costs(config: str, out: Path, metrics: list[str]) -> list[tuple[str, float, float]]:
+def probe_costs(config: str, out: Path, metrics: list[tuple[str, dict]]) -> list[tuple[str, float, float]]:
     """Wall time of each probe and of one plain FP32 pass over the same calibration images, same process."""
     cli = build(config, out, "output_l2", Uniform(8, 8), None)
     trainer, module = cli.trainer, cli.model
@@ -86,12 +86,13 @@ def probe_costs(config: str, out: Path, metrics: list[str]) -> list[tuple[str, f
         for x in batches:
             module(x)
         fp32 = time.perf_counter() - start
-    for metric in metrics:
+    for metric, options in metrics:
         probe, _ = SENSITIVITY_METRICS[metric]
         start = time.perf_counter()
-        probe(module.model, batches, PROBE_BITS)
+        probe(module.model, batches, PROBE_BITS, **options)
         seconds = time.perf_counter() - start
-        rows.append((metric, seconds, seconds / fp32))
+        label = metric + "".join(f", {k}={v}" for k, v in options.items())
+        rows.append((label, seconds, seconds / fp32))
     return [("plain FP32 pass", fp32, 1.0), *rows]
 
 
@@ -136,7 +137,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['top1']:.1f} | {r['energy']:.2f} | {r['avg_w']:.2f} | {r['avg_a']:.2f} |")
-    costs = probe_costs(args.config, args.out, ["output_l2", "fisher"])
+    costs = probe_costs(args.config, args.out, [("output_l2", {}), ("output_l2", {"subsample": 2}), ("fisher", {})])
     k = len(PROBE_BITS)
     print(
         f"\nProbe cost, all layers x {k} candidate bit widths x (weights, activations), 512 calibration images; "

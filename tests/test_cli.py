@@ -286,3 +286,8 @@ def test_probe_cache_hit_skips_probing_and_gives_the_same_table(tmp_path):
     # Another calibration seed draws other images: a different key, so a miss.
     _, third = run_validate(tmp_path, config, "--data.init_args.calibration_seed=1", name="third")
     assert json.loads((third / "results.json").read_text())["sensitivity"]["cache"] == "miss"
+    # The card records the seeds, so a run whose plan differs can be traced to its calibration draw.
+    card1, card3 = (yaml.safe_load((d / "card.yaml").read_text()) for d in (first, third))
+    assert card1["calibration"]["seed"] == 0 and card3["calibration"]["seed"] == 1
+    assert card1["seed_everything"] == card3["seed_everything"] == 0
+    assert json.loads((third / "sensitivity.json").read_text()) != json.loads((first / "sensitivity.json").read_text())

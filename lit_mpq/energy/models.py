@@ -51,6 +51,7 @@ __all__ = [
     "EnergyModel",
     "EnergyTerms",
     "HorowitzEnergyModel",
+    "PerMacEnergyModel",
     "MaxBitWidthEnergyModel",
     "TableEnergyModel",
     "build_energy_model",
@@ -243,7 +244,37 @@ def _check_constant(value: float, what: str) -> float:
     return float(value)
 
 
-class HorowitzEnergyModel(EnergyModel):
+class PerMacEnergyModel(EnergyModel):
+    """An energy model given by a per-MAC energy plus DRAM traffic for weights and input activations.
+
+    Subclasses set ``dram_pj_per_bit`` and implement :meth:`mac_pj`; the per-layer split is shared.
+    """
+
+    dram_pj_per_bit: float
+
+    @abstractmethod
+    def mac_pj(self, w_bits: int | None, a_bits: int | None) -> float:
+        """Energy of one multiply-accumulate at these operand widths, pJ."""
+
+    def layer(self, spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> EnergyTerms:
+        """Energy of ``spec`` per image (pJ) with ``w_bits``-bit weights and ``a_bits``-bit inputs.
+
+        Args:
+            spec: The layer (``params``, ``macs`` and ``act_in`` per image are used).
+            w_bits: Weight bit width, or ``None`` for FP32 weights (counted as 32 bits).
+            a_bits: Input-activation bit width, or ``None`` for FP32 inputs (counted as 32 bits).
+
+        Returns:
+            ``EnergyTerms(mac_pj=macs * E_MAC, weight_mem_pj=params * w_bits * E_bit,
+            act_mem_pj=act_in * a_bits * E_bit)``.
+
+        Raises:
+            ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
+        """
+        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
+
+
+class HorowitzEnergyModel(PerMacEnergyModel):
     """Energy per image from the 45 nm per-operation energies of Horowitz (ISSCC 2014).
 
     An integer MAC costs ``(mult8_pj + add8_pj) * w_bits * a_bits / 64`` (0.23 pJ at W8A8; the multiplier's
@@ -314,25 +345,8 @@ class HorowitzEnergyModel(EnergyModel):
             return self.fp32_mult_pj + self.fp32_add_pj
         return (self.mult8_pj + self.add8_pj) * (w_bits * a_bits) / (REFERENCE_MAC_BITS * REFERENCE_MAC_BITS)
 
-    def layer(self, spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> EnergyTerms:
-        """Energy of ``spec`` per image (pJ) with ``w_bits``-bit weights and ``a_bits``-bit inputs.
 
-        Args:
-            spec: The layer (``params``, ``macs`` and ``act_in`` per image are used).
-            w_bits: Weight bit width, or ``None`` for FP32 weights (counted as 32 bits).
-            a_bits: Input-activation bit width, or ``None`` for FP32 inputs (counted as 32 bits).
-
-        Returns:
-            ``EnergyTerms(mac_pj=macs * E_MAC, weight_mem_pj=params * w_bits * E_bit,
-            act_mem_pj=act_in * a_bits * E_bit)``.
-
-        Raises:
-            ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
-        """
-        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
-
-
-class MaxBitWidthEnergyModel(EnergyModel):
+class MaxBitWidthEnergyModel(PerMacEnergyModel):
     """MAC energy set by the wider operand plus a fixed-width accumulator; memory terms as Horowitz.
 
     After N. Spingarn-Eliezer et al., "Energy awareness in low precision neural networks", ICLR 2023. An integer
@@ -439,23 +453,6 @@ class MaxBitWidthEnergyModel(EnergyModel):
         width = max(w_bits, a_bits)
         return self.mult8_pj * (width / REFERENCE_MAC_BITS) ** 2 + self.accumulate_pj()
 
-    def layer(self, spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> EnergyTerms:
-        """Energy of ``spec`` per image (pJ) with ``w_bits``-bit weights and ``a_bits``-bit inputs.
-
-        Args:
-            spec: The layer (``params``, ``macs`` and ``act_in`` per image are used).
-            w_bits: Weight bit width, or ``None`` for FP32 weights (counted as 32 bits).
-            a_bits: Input-activation bit width, or ``None`` for FP32 inputs (counted as 32 bits).
-
-        Returns:
-            ``EnergyTerms(mac_pj=macs * E_MAC, weight_mem_pj=params * w_bits * E_bit,
-            act_mem_pj=act_in * a_bits * E_bit)``.
-
-        Raises:
-            ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
-        """
-        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
-
 
 _KEY_PATTERN = re.compile(r"W(\d+|FP)A(\d+|FP)")
 
@@ -502,7 +499,7 @@ def parse_precision_key(key: str) -> tuple[int | None, int | None]:
     return pair[0], pair[1]
 
 
-class TableEnergyModel(EnergyModel):
+class TableEnergyModel(PerMacEnergyModel):
     """MAC energies from a user-supplied table, one entry per (weight, activation) precision pair.
 
     Use it for numbers measured or simulated on a target chip, or taken from a paper. The MAC energy of a layer
@@ -592,23 +589,6 @@ class TableEnergyModel(EnergyModel):
                 f"the pairs it has: {sorted(self.mac_table)}."
             )
         return self.mac_table[key]
-
-    def layer(self, spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> EnergyTerms:
-        """Energy of ``spec`` per image (pJ) with ``w_bits``-bit weights and ``a_bits``-bit inputs.
-
-        Args:
-            spec: The layer (``params``, ``macs`` and ``act_in`` per image are used).
-            w_bits: Weight bit width, or ``None`` for FP32 weights (counted as 32 bits).
-            a_bits: Input-activation bit width, or ``None`` for FP32 inputs (counted as 32 bits).
-
-        Returns:
-            ``EnergyTerms(mac_pj=macs * table[key], weight_mem_pj=params * w_bits * E_bit,
-            act_mem_pj=act_in * a_bits * E_bit)``.
-
-        Raises:
-            ValueError: If a bit width is invalid or the pair is not in the table.
-        """
-        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
 
 
 ENERGY_MODELS: dict[str, type[EnergyModel]] = {

@@ -85,7 +85,8 @@ class MPQTrainer(pl.Trainer):
         points: list[tuple[str, str, float | None, Policy]] = [("config", "config", None, allocator.policy)]
         rows: list[dict[str, Any]] = []
         fp32 = {"top1": math.nan}
-        progress = tqdm(desc="sweep", unit="point", disable=not self.is_global_zero, total=1)
+        expected = 1 + (len(budgets) if budgets else num_budgets) + len(baselines) + int(seed_rule) + num_random
+        progress = tqdm(desc="sweep", unit="point", disable=not self.is_global_zero, total=expected)
 
         def evaluate(name: str, kind: str, ratio: float | None, policy: Policy) -> None:
             nonlocal base_dir
@@ -143,7 +144,6 @@ class MPQTrainer(pl.Trainer):
             )
             for i in range(num_random)
         ]
-        progress.total = 1 + len(points)
         for point in points:
             try:
                 evaluate(*point)

@@ -102,7 +102,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/allocation_resnet20"))
     parser.add_argument("--random", type=int, default=5)
     parser.add_argument("--first-last-bits", type=int, default=None)
+    parser.add_argument("--costs-only", action="store_true", help="only the probe-cost table")
     args = parser.parse_args()
+    if args.costs_only:
+        print_costs(args)
+        return
     budget = {"energy_relative_to": "W4A4", "w_candidates": W_CANDIDATES, "a_candidates": A_CANDIDATES}
     rows = [
         ("uniform W4A4", evaluate(args.config, args.out, "output_l2", Uniform(4, 4))),
@@ -137,6 +141,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['top1']:.1f} | {r['energy']:.2f} | {r['avg_w']:.2f} | {r['avg_a']:.2f} |")
+    print_costs(args)
+
+
+def print_costs(args: argparse.Namespace) -> None:
     costs = probe_costs(args.config, args.out, [("output_l2", {}), ("output_l2", {"subsample": 2}), ("fisher", {})])
     k = len(PROBE_BITS)
     print(

@@ -52,8 +52,9 @@ class SensitivityProbe(Callback):
         num_samples: Calibration images used; default: all (for ``kl``, consider 256 or fewer).
         kinds: Tensors to probe: ``["w", "a"]``, ``["w"]`` or ``["a"]``.
         cache_dir: Directory of the on-disk probe cache; null disables caching.
-        subsample: Output metrics only: measure perturbed outputs at every ``subsample``-th output row and column
-            (or token) and scale up, an unbiased estimate at ``~1/subsample^2`` of the extra work; 1 is exact.
+        subsample: Estimate from every ``subsample``-th image of each batch (output metrics: also every
+            ``subsample``-th output row and column, or token), scaled up: an unbiased estimate at a fraction of the
+            extra work (not for ``kl``); 1 is exact.
 
     Raises:
         ValueError: On an unknown metric or kind, unsupported bits, or a non-positive ``num_samples``.
@@ -127,7 +128,7 @@ class SensitivityProbe(Callback):
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: QuantPlan) -> tuple[dict, int]:
         """Probe batch by batch and add the per-batch sums in global batch order, so any device count agrees."""
         probe, transform = SENSITIVITY_METRICS[self.metric]
-        extra = {"subsample": self.subsample} if self.metric.startswith("output") else {}
+        extra = {"subsample": self.subsample} if self.metric != "kl" else {}
         rows = [
             probe(pl_module.model, [x], self.candidate_bits, kinds=tuple(self.kinds), **extra).as_tensor(
                 plan.names, self.candidate_bits

@@ -148,9 +148,11 @@ def probe_output_error(
         candidates: Bit widths to probe.
         forward: Callable running the model on a batch (default ``model``).
         kinds: Which tensors to probe: ``"w"`` (weights) and/or ``"a"`` (input activations).
-        subsample: Measure the perturbed outputs at every ``subsample``-th output row and column of a convolution
-            (every ``subsample``-th token of a Linear over tokens) and scale the sums by the inverse fraction: an
-            unbiased estimate of the full sums at about ``1 / subsample^2`` of the extra convolution work. 1 is exact.
+        subsample: Measure the perturbed outputs on every ``subsample``-th image of each batch and at every
+            ``subsample``-th output row and column of a convolution (every ``subsample``-th token of a Linear over
+            tokens), and scale the sums by the inverse fraction: an unbiased estimate of the full sums at about
+            ``1 / subsample^3`` of the extra convolution work and ``1 / subsample`` of the elementwise work. 1 is
+            exact.
     """
     if subsample < 1:
         raise ValueError(f"subsample must be a positive integer (1 = exact), got {subsample}")
@@ -163,6 +165,9 @@ def probe_output_error(
         def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x, y = inputs[0], output
             stats.output_sq[name] += float(torch.linalg.vector_norm(y.float())) ** 2
+            # With subsampling, every k-th image (and below, every k-th output row/column or token) stands for all.
+            images = x.shape[0] / x[::subsample].shape[0]
+            x = x[::subsample]
             # The layer is linear in its weight and in its input, so the output error of a perturbation is the
             # layer applied to the perturbation alone (bias excluded); all candidates go through one batched call,
             # and the squared errors of all candidates are reduced in one pass.
@@ -175,7 +180,8 @@ def probe_output_error(
                     channel_dim = 1 if isinstance(layer, nn.Conv2d) else errors.dim() - 1
                     per_candidate = errors.unflatten(channel_dim, (k, -1)).movedim(channel_dim, 0).reshape(k, -1)
                     sums = (torch.linalg.vector_norm(per_candidate, dim=1) ** 2).tolist()
-                scale = _positions(y, layer) / _positions(errors[0] if isinstance(errors, list) else errors, layer)
+                sampled = errors[0] if isinstance(errors, list) else errors
+                scale = images * _positions(y, layer) / _positions(sampled, layer)
                 for bits, value in zip(candidates, sums, strict=True):
                     stats.weight_sq[name][bits] += value * scale
             if "a" in kinds:
@@ -183,7 +189,7 @@ def probe_output_error(
                 for i, bits in enumerate(candidates):
                     torch.sub(layer.input_quantizer.quantize(x, bits), x, out=deltas[i])
                 errors = _input_perturbation_outputs(layer, deltas.flatten(0, 1), subsample)
-                scale = _positions(y, layer) / _positions(errors, layer)
+                scale = images * _positions(y, layer) / _positions(errors, layer)
                 sums = (torch.linalg.vector_norm(errors.reshape(k, -1), dim=1) ** 2).tolist()
                 for bits, value in zip(candidates, sums, strict=True):
                     stats.act_sq[name][bits] += value * scale

@@ -145,7 +145,8 @@ def main() -> None:
 
 
 def print_costs(args: argparse.Namespace) -> None:
-    costs = probe_costs(args.config, args.out, [("output_l2", {}), ("output_l2", {"subsample": 2}), ("fisher", {})])
+    probes = [("output_l2", {}), ("output_l2", {"subsample": 2}), ("fisher", {}), ("fisher", {"subsample": 2})]
+    costs = probe_costs(args.config, args.out, probes)
     k = len(PROBE_BITS)
     print(
         f"\nProbe cost, all layers x {k} candidate bit widths x (weights, activations), 512 calibration images; "

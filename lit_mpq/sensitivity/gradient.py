@@ -47,8 +47,8 @@ def probe_fisher(
         candidates: Bit widths to probe.
         forward: Callable running the model on a batch (default ``model``).
         kinds: ``"w"`` and/or ``"a"``.
-        subsample: Activation term on every ``subsample``-th image of each batch, scaled up (an unbiased
-            estimate at ``1 / subsample`` of its elementwise work); 1 is exact.
+        subsample: Use every ``subsample``-th image of each batch and scale the sums up: an unbiased estimate of
+            the full sums at ``1 / subsample`` of the forward, backward and elementwise work; 1 is exact.
     """
     if subsample < 1:
         raise ValueError(f"subsample must be a positive integer (1 = exact), got {subsample}")
@@ -56,6 +56,7 @@ def probe_fisher(
     stats = SensitivityStats.empty(list(layers), candidates)
     run = forward or model
     saved: dict[str, Tensor] = {}
+    scale = [1.0]  # images in the batch per image used, set per batch
     handles = []
 
     def make_forward_hook(name: str):
@@ -67,12 +68,10 @@ def probe_fisher(
 
             def grad_hook(grad: Tensor) -> None:
                 with torch.no_grad():
-                    x_float = saved.pop(name)[::subsample]
-                    grad = grad[::subsample]
-                    scale = x.shape[0] / x_float.shape[0]
+                    x_float = saved.pop(name)
                     for bits in candidates:
                         delta = layer.input_quantizer.quantize(x_float, bits).sub_(x_float).mul_(grad)
-                        stats.act_sq[name][bits] += float(torch.linalg.vector_norm(delta)) ** 2 * scale
+                        stats.act_sq[name][bits] += float(torch.linalg.vector_norm(delta)) ** 2 * scale[0]
 
             x.register_hook(grad_hook)
 
@@ -80,12 +79,15 @@ def probe_fisher(
 
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     with torch.inference_mode(False), torch.enable_grad(), quantizers_mode(model, "off"):
+        for p in model.parameters():  # only the quantized weights need their gradients
+            p.requires_grad_(False)
         for layer in layers.values():
-            layer.weight.requires_grad_(True)
+            layer.weight.requires_grad_("w" in kinds)
         handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
         try:
             for batch in batches:
-                x = batch.clone().requires_grad_(True)  # a normal tensor, so autograd can reach the first layer
+                x = batch[::subsample].clone().requires_grad_(True)  # a normal tensor: autograd reaches layer 1
+                scale[0] = batch.shape[0] / x.shape[0]
                 logits = run(x)
                 target = logits.detach().argmax(dim=-1)
                 loss = F.cross_entropy(logits, target, reduction="sum")
@@ -97,7 +99,7 @@ def probe_fisher(
                             g = layer.weight.grad
                             for bits in candidates:
                                 delta = layer.weight_quantizer.quantize(layer.weight.detach(), bits) - layer.weight
-                                stats.weight_sq[name][bits] += float(((g * delta).double() ** 2).sum())
+                                stats.weight_sq[name][bits] += float(((g * delta).double() ** 2).sum()) * scale[0]
                 stats.num_samples += int(batch.shape[0])
                 saved.clear()
         finally:

@@ -3,12 +3,14 @@
 A sweep runs the config's callbacks once (calibration and the sensitivity probe happen a single time), then
 re-allocates and re-evaluates the model for K energy budgets with the exact solver, plus baselines: uniform
 settings, the seed percentile rule, and optionally random allocations at the budget of the reference setting.
-It writes ``pareto.csv``, ``pareto.png``, ``summary.png``, per-point plans and results under ``sweep/``, and
+It writes ``pareto.csv``, ``pareto.png``, ``summary.png`` (the config's own allocation with the frontier),
+per-point plans and results under ``sweep/``, and
 TensorBoard scalars ``sweep/top1`` and ``sweep/energy_uj_per_image`` (step = point index).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,7 @@ class MPQTrainer(pl.Trainer):
         points: list[tuple[str, str, float | None, Policy]] = [("config", "config", None, allocator.policy)]
         rows: list[dict[str, Any]] = []
         fp32 = {"top1": math.nan}
+        summary: dict[str, Any] = {}
         expected = 1 + (len(budgets) if budgets else num_budgets) + len(baselines) + int(seed_rule) + num_random
         progress = tqdm(desc="sweep", unit="point", disable=not self.is_global_zero, total=expected)
 
@@ -102,6 +105,9 @@ class MPQTrainer(pl.Trainer):
                 fp32["top1"] = 100 * float(metrics["val/top1_fp32"])
             model.hparams.fp32_reference = False  # the FP32 figure is the same for every point
             rows.append({**self._row(name, kind, ratio, policy, metrics), "top1_fp32": fp32["top1"]})
+            if kind == "config":  # the summary figure shows the config's own allocation
+                summary["plan"] = copy.deepcopy(model.plan)
+                summary["energy"] = copy.deepcopy(model.results.get("energy", {}))
             progress.update(1)
             progress.set_postfix_str(f"{name}: top1 {rows[-1]['top1']:.2f} % at {rows[-1]['energy_uj']:.2f} µJ")
 
@@ -150,7 +156,7 @@ class MPQTrainer(pl.Trainer):
             except ValueError as err:  # an infeasible budget: report it and go on with the others
                 rank_zero_info(f"sweep point {point[0]} skipped: {err}")
         progress.close()
-        self._write(rows, base_dir, model)
+        self._write(rows, base_dir, summary)
         return rows
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -193,7 +199,7 @@ class MPQTrainer(pl.Trainer):
             "bit_ops_g": value("bits/bit_ops_g"),
         }
 
-    def _write(self, rows: list[dict[str, Any]], base_dir: Path | None, model: pl.LightningModule) -> None:
+    def _write(self, rows: list[dict[str, Any]], base_dir: Path | None, summary: dict[str, Any]) -> None:
         if not self.is_global_zero or base_dir is None:
             return
         base_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +207,7 @@ class MPQTrainer(pl.Trainer):
         figure_rows = [r for r in rows if r["kind"] != "config"]
         figures = {
             "pareto": pareto_figure(figure_rows),
-            "summary": summary_figure(model.plan, model.results.get("energy", {}), figure_rows),
+            "summary": summary_figure(summary["plan"], summary["energy"], figure_rows),
         }
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -252,6 +252,10 @@ class PerMacEnergyModel(EnergyModel):
 
     dram_pj_per_bit: float
 
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.constants().items())
+        return f"{type(self).__name__}({args})"
+
     @abstractmethod
     def mac_pj(self, w_bits: int | None, a_bits: int | None) -> float:
         """Energy of one multiply-accumulate at these operand widths, pJ."""
@@ -310,10 +314,6 @@ class HorowitzEnergyModel(PerMacEnergyModel):
         self.fp32_mult_pj = _check_constant(fp32_mult_pj, "fp32_mult_pj")
         self.fp32_add_pj = _check_constant(fp32_add_pj, "fp32_add_pj")
         self.dram_pj_per_bit = _check_constant(dram_pj_per_bit, "dram_pj_per_bit")
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self.constants().items())
-        return f"{type(self).__name__}({args})"
 
     def constants(self) -> dict[str, float]:
         """The constructor arguments by name, in pJ (per operation, or per bit for DRAM)."""
@@ -412,10 +412,6 @@ class MaxBitWidthEnergyModel(PerMacEnergyModel):
         self.fp32_mult_pj = _check_constant(fp32_mult_pj, "fp32_mult_pj")
         self.fp32_add_pj = _check_constant(fp32_add_pj, "fp32_add_pj")
         self.dram_pj_per_bit = _check_constant(dram_pj_per_bit, "dram_pj_per_bit")
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self.constants().items())
-        return f"{type(self).__name__}({args})"
 
     def constants(self) -> dict[str, float]:
         """The constructor arguments by name: energies in pJ (per operation, or per bit), ``acc_bits`` in bits."""

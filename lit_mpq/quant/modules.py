@@ -166,6 +166,15 @@ class QuantLayerMixin:
     input_quantizer: ActivationQuantizer
     bias_correction: BiasCorrection | None  # set per instance by from_float: a class default would shadow modules
 
+    def _share(self, float_layer: nn.Module, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer):
+        """Take over ``float_layer``'s parameters (shared, not copied) and attach the quantizers; returns self."""
+        self.weight = float_layer.weight
+        self.bias = float_layer.bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.bias_correction = None
+        return self
+
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         """The layer's float computation with an optional replacement weight."""
         raise NotImplementedError
@@ -216,12 +225,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
             padding_mode=conv.padding_mode,
             device="meta",
         )
-        layer.weight = conv.weight
-        layer.bias = conv.bias
-        layer.weight_quantizer = weight_quantizer
-        layer.input_quantizer = input_quantizer
-        layer.bias_correction = None
-        return layer
+        return layer._share(conv, weight_quantizer, input_quantizer)
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """Convolution with ``weight`` (default: the layer's own)."""
@@ -243,12 +247,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     def from_float(cls, linear: nn.Linear, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer):
         """Wrap ``linear`` (its parameters are shared, not copied)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.weight_quantizer = weight_quantizer
-        layer.input_quantizer = input_quantizer
-        layer.bias_correction = None
-        return layer
+        return layer._share(linear, weight_quantizer, input_quantizer)
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """Affine map with ``weight`` (default: the layer's own)."""

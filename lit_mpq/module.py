@@ -3,7 +3,8 @@
 The backbone is built from a registry *name* (timm, ``torchvision:<name>``, or lit_mpq's own models) so the
 module's hyperparameters stay plain strings. Quantization is not done here: callbacks swap the backbone's
 layers for fake-quantized twins, and this module only evaluates whatever the backbone is, with torchmetrics,
-optionally next to an FP32 reference computed in the same pass (quantizers temporarily off).
+optionally next to an FP32 reference computed in the same pass (quantizers temporarily off). Accuracy is logged in
+percent (``val/top1`` = 91.5 means 91.5 %), the one unit lit_mpq uses everywhere.
 
 ``fit`` trains the backbone in plain FP32 (SGD with momentum, cosine schedule); the embedded default's
 checkpoint is produced that way.
@@ -22,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_mpq.models import backbone_input_size, create_backbone
 from lit_mpq.plan import QuantPlan
+from lit_mpq.report.record import RunRecord
 from lit_mpq.quant.apply import quant_layer_names, quantizers_mode
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -77,8 +79,8 @@ class MPQModule(LightningModule):
         self.val_loss = MeanMetric()
         self.plan: QuantPlan | None = None
         """Set by the ``Calibration`` callback; read and written by the other callbacks."""
-        self.results: dict[str, Any] = {}
-        """Numbers the callbacks hand to the ``Report`` callback (timings, energy, policy)."""
+        self.record = RunRecord()
+        """What the run measured besides the plan (calibration, probe, allocation, energy), filled by the callbacks."""
 
     @torch.no_grad()
     def _infer_num_classes(self) -> int:
@@ -111,20 +113,26 @@ class MPQModule(LightningModule):
         """Quantized top-1/top-5 (and the FP32 reference when enabled) on a validation batch."""
         x, y = batch
         logits = self(x)
-        self.val_top1(logits, y)
-        self.val_top5(logits, y)
-        self.val_loss(F.cross_entropy(logits, y), weight=y.numel())
-        self.log("val/loss", self.val_loss, on_epoch=True)
-        self.log("val/top1", self.val_top1, on_epoch=True)
-        self.log("val/top5", self.val_top5, on_epoch=True)
+        self.val_top1.update(logits, y)
+        self.val_top5.update(logits, y)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=y.numel())
         if self.hparams.fp32_reference:
             if self.is_quantized:
                 with quantizers_mode(self.model, "off"):
                     logits = self(x)
-            self.val_top1_fp32(logits, y)
-            self.val_top5_fp32(logits, y)
-            self.log("val/top1_fp32", self.val_top1_fp32, on_epoch=True)
-            self.log("val/top5_fp32", self.val_top5_fp32, on_epoch=True)
+            self.val_top1_fp32.update(logits, y)
+            self.val_top5_fp32.update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log accuracy in percent (every accuracy lit_mpq shows is in %), summed exactly over ranks."""
+        metrics = {"val/top1": self.val_top1, "val/top5": self.val_top5}
+        if self.hparams.fp32_reference:
+            metrics |= {"val/top1_fp32": self.val_top1_fp32, "val/top5_fp32": self.val_top5_fp32}
+        for key, metric in metrics.items():
+            self.log(key, 100.0 * metric.compute().double().item(), sync_dist=False)
+            metric.reset()
+        self.log("val/loss", self.val_loss.compute().item(), sync_dist=False)
+        self.val_loss.reset()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Same as :meth:`validation_step`."""

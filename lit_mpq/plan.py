@@ -148,7 +148,14 @@ class QuantPlan:
         layers: Optional decisions per layer name; missing ones get a default :class:`LayerPlan`.
     """
 
-    def __init__(self, specs: list[LayerSpec], layers: Mapping[str, LayerPlan] | None = None) -> None:
+    def __init__(
+        self,
+        specs: list[LayerSpec],
+        layers: Mapping[str, LayerPlan] | None = None,
+        entry_layers: list[str] | None = None,
+        exit_layers: list[str] | None = None,
+        float_layers: Mapping[str, str] | None = None,
+    ) -> None:
         self.specs: dict[str, LayerSpec] = {spec.name: spec for spec in specs}
         if len(self.specs) != len(specs):
             raise ValueError("QuantPlan: layer names must be unique")
@@ -157,6 +164,17 @@ class QuantPlan:
         if unknown:
             raise ValueError(f"QuantPlan: decisions given for unknown layers {sorted(unknown)}")
         self.layers: dict[str, LayerPlan] = {name: layers.get(name, LayerPlan()) for name in self.specs}
+        names = list(self.specs)
+        self.entry_layers: list[str] = list(entry_layers) if entry_layers is not None else names[:1]
+        """Layers that see the network input first (what ``first_last_bits`` pins as "first")."""
+        self.exit_layers: list[str] = list(exit_layers) if exit_layers is not None else names[-1:]
+        """The classifier head(s) producing the outputs (what ``first_last_bits`` pins as "last")."""
+        self.float_layers: dict[str, str] = dict(float_layers or {})
+        """Conv/Linear-like layers left in floating point, with the reason (reported in the plan and the card)."""
+        for what, listed in (("entry_layers", self.entry_layers), ("exit_layers", self.exit_layers)):
+            unknown_listed = [name for name in listed if name not in self.specs]
+            if unknown_listed:
+                raise ValueError(f"QuantPlan: {what} names unknown layers {unknown_listed[:5]}")
 
     # ----------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -235,6 +253,9 @@ class QuantPlan:
         """Plain-data form: ``{"version": 1, "layers": [{"spec": ..., "plan": ...}, ...]}``."""
         return {
             "version": PLAN_FORMAT_VERSION,
+            "entry_layers": list(self.entry_layers),
+            "exit_layers": list(self.exit_layers),
+            "float_layers": dict(self.float_layers),
             "layers": [{"name": spec.name, "spec": spec.to_dict(), **lp.to_dict()} for spec, lp in self.items()],
         }
 
@@ -252,7 +273,13 @@ class QuantPlan:
             spec = LayerSpec.from_dict(row["spec"])
             specs.append(spec)
             layers[spec.name] = LayerPlan.from_dict(row)
-        return cls(specs, layers)
+        return cls(
+            specs,
+            layers,
+            entry_layers=data.get("entry_layers"),
+            exit_layers=data.get("exit_layers"),
+            float_layers=data.get("float_layers"),
+        )
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the plan to ``path`` (parents created) and return the path."""

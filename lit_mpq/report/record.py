@@ -1,0 +1,107 @@
+"""The run record: one typed object that collects what a run measured, filled stage by stage by the callbacks.
+
+The plan (:class:`~lit_mpq.plan.QuantPlan`) says *what* was decided per layer; the run record says *how the run
+went*: how many images calibrated, which probe ran and whether it came from the cache, which policy allocated and
+under which budget, the energy report, and the seed. The ``Report`` callback turns it into ``results.json`` and the
+quantization card; the sweep reads it after each point. Plain dataclasses, no Lightning.
+
+Example:
+    >>> record = RunRecord(seed_everything=0)
+    >>> record.calibration = CalibrationRecord(images=256, images_per_rank=[256], seconds=1.5, settings={})
+    >>> record.to_dict()["calibration"]["images"]
+    256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AllocationRecord", "CalibrationRecord", "RunRecord", "SensitivityRecord"]
+
+
+@dataclass
+class CalibrationRecord:
+    """What the ``Calibration`` callback did.
+
+    Attributes:
+        images: Calibration images seen, over all ranks.
+        images_per_rank: Images each rank calibrated on, in rank order.
+        seconds: Wall time of the calibration pass.
+        settings: The quantizer settings (:class:`~lit_mpq.quant.apply.QuantSettings` as a dict).
+    """
+
+    images: int
+    images_per_rank: list[int]
+    seconds: float
+    settings: dict[str, Any]
+
+
+@dataclass
+class SensitivityRecord:
+    """What the ``SensitivityProbe`` callback did.
+
+    Attributes:
+        metric: Sensitivity metric name.
+        candidate_bits: Probed bit widths.
+        kinds: Probed tensors (``"w"``, ``"a"``).
+        images: Images the probe saw.
+        seconds: Wall time (probe or cache read).
+        cache: ``"hit"``, ``"miss"`` or ``"off"``.
+        cache_key: Key of the on-disk cache entry, when caching is on.
+        subsample: Subsampling factor of the estimate (1 = exact).
+    """
+
+    metric: str
+    candidate_bits: list[int]
+    kinds: list[str]
+    images: int
+    seconds: float
+    cache: str
+    cache_key: str | None
+    subsample: int = 1
+
+
+@dataclass
+class AllocationRecord:
+    """What the ``BitAllocator`` callback did.
+
+    Attributes:
+        policy: One-line description of the policy and its budget.
+        seconds: Wall time of the allocation.
+        pinned: Layers whose bits were fixed by configuration (first/last layers, overrides).
+    """
+
+    policy: str
+    seconds: float
+    pinned: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunRecord:
+    """Everything a run measured besides the plan; one per ``MPQModule``.
+
+    Attributes:
+        calibration: Set by ``Calibration``.
+        sensitivity: Set by ``SensitivityProbe``.
+        allocation: Set by ``BitAllocator``.
+        energy: The energy report of ``EnergyMeter`` (:func:`lit_mpq.energy.energy_report`, plus measured energy).
+        seed_everything: The run's global seed, as configured (``None`` when none was set).
+    """
+
+    calibration: CalibrationRecord | None = None
+    sensitivity: SensitivityRecord | None = None
+    allocation: AllocationRecord | None = None
+    energy: dict[str, Any] | None = None
+    seed_everything: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form; stages that did not run are left out."""
+        out: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if value is None:
+                continue
+            out[item.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out

@@ -25,37 +25,12 @@ from typing import Any
 
 import yaml
 
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 16)
-"""Bit widths a layer's weights or input activations may take; ``None`` (off) is allowed too."""
-
-FLOAT_BITS = 32
-"""Width used for accounting (energy, size) when a tensor is not quantized."""
+# The bit-width vocabulary lives in lit_mpq.bits; the names stay importable from here, where they began.
+from lit_mpq.bits import FLOAT_BITS as FLOAT_BITS
+from lit_mpq.bits import SUPPORTED_BITS as SUPPORTED_BITS
+from lit_mpq.bits import effective_bits, validate_bits
 
 PLAN_FORMAT_VERSION = 1
-
-
-def validate_bits(bits: int | None, what: str = "bits") -> int | None:
-    """Return ``bits`` unchanged if it is a supported bit width or ``None``; raise a clear error otherwise.
-
-    Args:
-        bits: Candidate bit width, or ``None`` for "not quantized".
-        what: Name of the option, used in the error message.
-
-    Raises:
-        ValueError: If ``bits`` is not one of :data:`SUPPORTED_BITS` or ``None``.
-    """
-    if bits is None:
-        return None
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(
-            f"{what}={bits!r} is not supported: use one of {list(SUPPORTED_BITS)}, or null to leave the tensor in FP32."
-        )
-    return bits
-
-
-def effective_bits(bits: int | None) -> int:
-    """Bits used for accounting: the bit width itself, or :data:`FLOAT_BITS` when the tensor is not quantized."""
-    return FLOAT_BITS if bits is None else bits
 
 
 @dataclass(frozen=True)
@@ -175,6 +150,9 @@ class QuantPlan:
             unknown_listed = [name for name in listed if name not in self.specs]
             if unknown_listed:
                 raise ValueError(f"QuantPlan: {what} names unknown layers {unknown_listed[:5]}")
+        both = [name for name in self.float_layers if name in self.specs]
+        if both:
+            raise ValueError(f"QuantPlan: layers listed both as quantized and as left in float: {both[:5]}")
 
     # ----------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:

@@ -1,8 +1,9 @@
-"""QuantPlan: validation, hand-computed summaries, layer matching and a lossless YAML round trip."""
+"""QuantPlan: validation, hand-computed summaries, layer matching, a lossless YAML round trip; the bit vocabulary."""
 
 import pytest
 import yaml
 
+from lit_mpq import bits
 from lit_mpq.plan import (
     FLOAT_BITS,
     SUPPORTED_BITS,
@@ -46,6 +47,64 @@ def test_effective_bits():
     assert SUPPORTED_BITS == (2, 3, 4, 5, 6, 7, 8, 16)
     assert effective_bits(None) == FLOAT_BITS == 32
     assert effective_bits(4) == 4
+
+
+def test_the_vocabulary_lives_in_lit_mpq_bits_and_is_still_importable_from_here():
+    import lit_mpq.allocation.exact as exact
+    import lit_mpq.plan as plan
+
+    for name in ("FLOAT_BITS", "SUPPORTED_BITS", "effective_bits", "validate_bits"):
+        assert getattr(plan, name) is getattr(bits, name)
+    assert exact.parse_uniform_setting is bits.parse_setting
+
+
+@pytest.mark.parametrize(
+    ("text", "pair"),
+    [("W4A8", (4, 8)), ("w8a4", (8, 4)), (" W16A2 ", (16, 2)), ("WFPA8", (None, 8)), ("w4afp", (4, None))],
+)
+def test_settings_parse_and_format(text, pair):
+    assert bits.parse_setting(text) == pair
+    assert bits.format_setting(*pair) == text.strip().upper()
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("W4X4", r"relative_to='W4X4' is not a uniform setting: write it as 'W<weight bits>A<activation bits>'"),
+        ("4A4", "is not a uniform setting"),
+        (44, "relative_to=44 is not a uniform setting"),
+        ("W9A8", r"relative_to='W9A8': 9 weight bits are not supported: use one of \[2, .*16\], or FP for FP32"),
+        ("W8A32", "32 activation bits are not supported"),
+    ],
+)
+def test_bad_settings_name_the_option_and_the_fix(text, match):
+    with pytest.raises(ValueError, match=match) as err:
+        bits.parse_setting(text, "relative_to")
+    assert "null" not in str(err.value)  # a setting string writes FP32 as FP
+
+
+def test_candidate_lists():
+    assert bits.validate_candidates([8, 4, 4, 6], "candidate_bits") == [4, 6, 8]
+    assert bits.validate_candidates((16,), "candidate_bits") == [16]
+    for bad, match in [
+        ([], "candidate_bits must list at least one bit width"),
+        ([4, None], r"candidate_bits=\[4, None\] lists null, but FP32 is not a candidate: list bit widths from"),
+        ([4, 9], r"candidate_bits=\[4, 9\] lists 9, which is not a supported bit width"),
+        ([True], "lists True"),
+        ("468", "must be a list of bit widths"),
+        (8, "must be a list of bit widths"),
+    ]:
+        with pytest.raises(ValueError, match=match) as err:
+            bits.validate_candidates(bad, "candidate_bits")
+        assert "or null" not in str(err.value)  # a list of candidates cannot take null
+
+
+def test_validate_width_takes_no_null_and_says_what_else_is_allowed():
+    assert bits.validate_width(16, "score_bits") == 16
+    with pytest.raises(ValueError, match=r"score_bits=None is not supported: use one of \[2, .*16\]\.$"):
+        bits.validate_width(None, "score_bits")
+    with pytest.raises(ValueError, match="use one of .*, or null for the lowest probed width"):
+        bits.validate_width(1, "score_bits", alternative="or null for the lowest probed width")
 
 
 # ----------------------------------------------------------------------------------------------- summaries

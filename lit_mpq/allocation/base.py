@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
 
+from lit_mpq.energy.models import EnergyModel
 from lit_mpq.plan import QuantPlan
 
 Allocation = dict[str, tuple[int | None, int | None]]
@@ -24,13 +24,27 @@ class Policy(ABC):
     overrides_pins: bool = False
     """True when the policy's decision also replaces pinned layers (re-applying a saved plan)."""
 
+    def check_plan(self, plan: QuantPlan) -> None:  # noqa: B027 - an optional hook: most policies have nothing to check
+        """Check the policy against the model's layers as soon as they are known, before calibration and probing.
+
+        ``BitAllocator.setup`` calls it, so that a configuration error surfaces before any expensive work. The
+        default checks nothing.
+
+        Args:
+            plan: The model's measured layers (no sensitivities yet).
+
+        Raises:
+            ValueError: If the policy cannot apply to this model.
+        """
+
     @abstractmethod
-    def allocate(self, plan: QuantPlan, energy_model: Any = None) -> Allocation:
+    def allocate(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> Allocation:
         """Return the bit widths for the layers of ``plan`` (pinned layers may be omitted).
 
         Args:
             plan: Measured layers, current decisions and sensitivities.
-            energy_model: The run's energy model, for budget-aware policies.
+            energy_model: The run's energy model (``BitAllocator`` passes the ``EnergyMeter``'s), for budget-aware
+                policies; ``None`` lets such a policy use its default.
         """
 
     def describe(self) -> str:

@@ -21,7 +21,12 @@ option                        unit                total over all layers (pinned 
 
 This is a multiple-choice knapsack with several constraints, solved exactly as a MILP by
 :func:`lit_mpq.allocation.solver.solve_multiple_choice` (``scipy.optimize.milp``, HiGHS); 50 layers with 15 options
-each take well under a second.
+each take well under a second. A budget no allocation meets raises :class:`InfeasibleBudgetError` (a ``ValueError``)
+that gives each budget's smallest achievable value, rounded up so that it can be copied back into the config, and,
+for a budget set with ``energy_relative_to``, as an ``energy_ratio``.
+
+A kind (weights or activations) with a single candidate width gives every layer the same bits, so its sensitivity
+cannot change the choice and need not be probed.
 
 Example:
     >>> from lit_mpq.plan import LayerPlan, LayerSpec, QuantPlan
@@ -38,7 +43,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from time import perf_counter
 from typing import Any
 
@@ -46,11 +50,13 @@ import numpy as np
 
 from lit_mpq.allocation.base import Allocation, Policy
 from lit_mpq.allocation.solver import Constraint, InfeasibleBudgetError, solve_multiple_choice
+from lit_mpq.bits import effective_bits, format_setting, parse_setting, validate_candidates
+from lit_mpq.bits import parse_setting as parse_uniform_setting  # the name it had here, kept for old imports
 from lit_mpq.energy import HorowitzEnergyModel, uniform_energy
 from lit_mpq.energy.models import EnergyModel
-from lit_mpq.plan import LayerSpec, QuantPlan, effective_bits, validate_bits
+from lit_mpq.plan import LayerSpec, QuantPlan
 
-__all__ = ["ExactAllocation", "parse_uniform_setting"]
+__all__ = ["ExactAllocation", "InfeasibleBudgetError", "parse_uniform_setting"]
 
 PJ_PER_UJ = 1e6
 """Picojoules in one microjoule."""
@@ -58,61 +64,35 @@ PJ_PER_UJ = 1e6
 BUDGET_OPTIONS = ("energy_uj", "energy_relative_to", "size_mb", "bit_ops_g", "avg_weight_bits", "avg_act_bits")
 """Constructor arguments that set a budget; at least one is required."""
 
-_SETTING = re.compile(r"W(\d+|FP)A(\d+|FP)", re.IGNORECASE)
+TENSOR = {"w": "weight", "a": "activation"}
 
 
-def parse_uniform_setting(setting: str) -> tuple[int | None, int | None]:
-    """Parse a uniform setting name such as ``"W4A8"`` into ``(4, 8)``; ``"FP"`` stands for FP32 (``None``).
-
-    Args:
-        setting: ``"W<weight bits>A<activation bits>"``, case-insensitive, e.g. ``"W4A4"``, ``"W8A8"``, ``"WFPAFP"``.
-
-    Returns:
-        ``(w_bits, a_bits)``.
-
-    Raises:
-        ValueError: If the string does not have that form or names an unsupported bit width.
-    """
-    match = _SETTING.fullmatch(setting.strip()) if isinstance(setting, str) else None
-    if match is None:
-        raise ValueError(
-            f"energy_relative_to={setting!r} is not a uniform setting: write it as 'W<weight bits>A<activation bits>', "
-            "e.g. 'W4A4', 'W4A8' or 'W8A8' ('FP' for an FP32 tensor, e.g. 'WFPAFP')"
-        )
-    bits = [None if group.upper() == "FP" else int(group) for group in match.groups()]
-    return (
-        validate_bits(bits[0], f"weight bits of energy_relative_to={setting!r}"),
-        validate_bits(bits[1], f"activation bits of energy_relative_to={setting!r}"),
-    )
-
-
-def _positive(value: float | None, what: str) -> float | None:
-    """``value`` as a float if it is ``None`` or a finite positive number; raise ``ValueError`` otherwise."""
-    if value is None:
+def _positive(value: float | None, what: str, budget: bool = True) -> float | None:
+    """``value`` as a float if finite and positive (``None`` passes for a ``budget``); ``ValueError`` otherwise."""
+    if value is None and budget:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"ExactAllocation.{what}={value!r} must be a finite positive number (or null for no budget)")
+        also = " (or null for no budget)" if budget else ""
+        raise ValueError(f"{what}={value!r} must be a finite positive number{also}")
     return float(value)
 
 
-def _candidates(values: list[int], what: str) -> list[int]:
-    """Sorted, de-duplicated candidate bit widths; every one supported and not ``None``."""
-    if not values:
-        raise ValueError(f"ExactAllocation.{what} must list at least one bit width, e.g. [4, 6, 8]")
-    for bits in values:
-        if validate_bits(bits, f"ExactAllocation.{what}") is None:
-            raise ValueError(f"ExactAllocation.{what} must be integers; null (FP32) is not a candidate")
-    return sorted(set(values))
+def _energy_uj(energy_model: EnergyModel, spec: LayerSpec, w_bits: int | None, a_bits: int | None, fix: str) -> float:
+    """Energy of one option of one layer, µJ per image; a model that cannot price it raises a clear error.
 
-
-def _energy_uj(energy_model: EnergyModel, spec: LayerSpec, w_bits: int, a_bits: int) -> float:
-    """Energy of one option of one layer, µJ per image; a model that cannot price it raises a clear error."""
+    Args:
+        energy_model: The run's energy model.
+        spec: The layer.
+        w_bits: Weight bits.
+        a_bits: Activation bits.
+        fix: What the user can change, for the message.
+    """
     try:
         return energy_model.layer(spec, w_bits, a_bits).total_pj / PJ_PER_UJ
     except (KeyError, ValueError) as err:
         raise ValueError(
-            f"energy model {type(energy_model).__name__} cannot price W{w_bits}A{a_bits} for layer {spec.name!r} "
-            f"({err}); remove those bits from ExactAllocation.w_candidates / a_candidates or use another model"
+            f"energy model {type(energy_model).__name__} cannot price {format_setting(w_bits, a_bits)} for layer "
+            f"{spec.name!r} ({err}); {fix} or use another energy model"
         ) from err
 
 
@@ -158,31 +138,34 @@ class ExactAllocation(Policy):
         avg_act_bits: float | None = None,
         act_weight: float = 1.0,
     ) -> None:
-        self.w_candidates = _candidates(w_candidates, "w_candidates")
-        self.a_candidates = _candidates(a_candidates, "a_candidates")
+        owner = type(self).__name__  # RandomAllocation shares this constructor; messages name the class in use
+        self.w_candidates = validate_candidates(w_candidates, f"{owner}.w_candidates")
+        self.a_candidates = validate_candidates(a_candidates, f"{owner}.a_candidates")
         if energy_uj is not None and energy_relative_to is not None:
             raise ValueError(
-                "ExactAllocation: give either energy_uj (absolute µJ per image) or energy_relative_to "
+                f"{owner}: give either energy_uj (absolute µJ per image) or energy_relative_to "
                 f"(with energy_ratio), not both; got energy_uj={energy_uj!r}, energy_relative_to={energy_relative_to!r}"
             )
-        self.energy_uj = _positive(energy_uj, "energy_uj")
+        self.energy_uj = _positive(energy_uj, f"{owner}.energy_uj")
         self.energy_relative_to = energy_relative_to
-        self.reference_bits = parse_uniform_setting(energy_relative_to) if energy_relative_to is not None else None
-        self.energy_ratio = _positive(energy_ratio, "energy_ratio")
+        self.reference_bits = (
+            parse_setting(energy_relative_to, f"{owner}.energy_relative_to") if energy_relative_to is not None else None
+        )
+        self.energy_ratio = _positive(energy_ratio, f"{owner}.energy_ratio", budget=False)
         if energy_relative_to is None and self.energy_ratio != 1.0:
             raise ValueError(
-                f"ExactAllocation.energy_ratio={energy_ratio!r} needs energy_relative_to (e.g. 'W4A4') to say what it "
+                f"{owner}.energy_ratio={energy_ratio!r} needs energy_relative_to (e.g. 'W4A4') to say what it "
                 "is a ratio of"
             )
-        self.size_mb = _positive(size_mb, "size_mb")
-        self.bit_ops_g = _positive(bit_ops_g, "bit_ops_g")
-        self.avg_weight_bits = _positive(avg_weight_bits, "avg_weight_bits")
-        self.avg_act_bits = _positive(avg_act_bits, "avg_act_bits")
+        self.size_mb = _positive(size_mb, f"{owner}.size_mb")
+        self.bit_ops_g = _positive(bit_ops_g, f"{owner}.bit_ops_g")
+        self.avg_weight_bits = _positive(avg_weight_bits, f"{owner}.avg_weight_bits")
+        self.avg_act_bits = _positive(avg_act_bits, f"{owner}.avg_act_bits")
         if isinstance(act_weight, bool) or not isinstance(act_weight, (int, float)) or not 0 <= act_weight < math.inf:
-            raise ValueError(f"ExactAllocation.act_weight={act_weight!r} must be a finite number >= 0")
+            raise ValueError(f"{owner}.act_weight={act_weight!r} must be a finite number >= 0")
         self.act_weight = float(act_weight)
         if all(getattr(self, option) is None for option in BUDGET_OPTIONS):
-            raise ValueError(f"ExactAllocation needs at least one budget: set one or more of {list(BUDGET_OPTIONS)}")
+            raise ValueError(f"{owner} needs at least one budget: set one or more of {list(BUDGET_OPTIONS)}")
         self.last_solution_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -191,38 +174,65 @@ class ExactAllocation(Policy):
         """The ``(w_bits, a_bits)`` pairs a layer may get, in the solver's column order."""
         return [(bw, ba) for bw in self.w_candidates for ba in self.a_candidates]
 
+    def _missing(self, plan: QuantPlan, kind: str, missing: dict[str, list[int]]) -> ValueError:
+        """The error for layers without a ``kind`` sensitivity at some candidate bits, with what to change.
+
+        Args:
+            plan: The plan.
+            kind: ``"w"`` or ``"a"``.
+            missing: ``{layer: [candidate bits without a sensitivity]}``, non-empty, in model order.
+        """
+        name, bits = next(iter(missing.items()))
+        table = plan[name].sensitivity
+        probed = sorted(table.get(kind, {}))
+        others = f" ({len(missing) - 1} more layers likewise)" if len(missing) > 1 else ""
+        option = f"{type(self).__name__}.{kind}_candidates"
+        if not any(table.values()):
+            return ValueError(
+                f"layer {name!r} has no sensitivity{others}: add a SensitivityProbe callback before BitAllocator"
+            )
+        if not probed:
+            other = TENSOR["a" if kind == "w" else "w"]
+            return ValueError(
+                f"layer {name!r} has no {TENSOR[kind]} ({kind!r}) sensitivity{others}: the SensitivityProbe measured "
+                f"only {other}s. Add {kind!r} to SensitivityProbe.kinds, or give {option} a single value "
+                f"(e.g. [8]), which needs no ranking"
+            )
+        return ValueError(
+            f"layer {name!r} has no {kind!r} sensitivity for bits {bits} (probed: {probed}){others}: add "
+            f"{bits} to SensitivityProbe.candidate_bits, or remove them from {option}"
+        )
+
     def _objective(self, plan: QuantPlan, names: list[str]) -> np.ndarray:
         """``[L, K]`` summed sensitivity of every option of every free layer.
 
+        A kind with a single candidate width gives every layer the same bits, so its sensitivity cannot change the
+        choice: when it was not probed, its term is left out.
+
         Raises:
-            ValueError: If a layer lacks a sensitivity for a candidate bit width, or a sensitivity is not finite.
+            ValueError: If a layer lacks a sensitivity for a candidate bit width (of a kind with several), or a
+                sensitivity is not finite.
         """
-        needed = [("w", self.w_candidates)] + ([("a", self.a_candidates)] if self.act_weight > 0 else [])
-        for kind, candidates in needed:
+        objective = np.zeros((len(names), len(self.options)))
+        for kind, candidates, weight in (("w", self.w_candidates, 1.0), ("a", self.a_candidates, self.act_weight)):
+            if weight == 0 or not names:
+                continue
             missing = {name: [b for b in candidates if b not in plan[name].sensitivity.get(kind, {})] for name in names}
             missing = {name: bits for name, bits in missing.items() if bits}
+            if missing and len(candidates) == 1:
+                continue
             if missing:
-                name, bits = next(iter(missing.items()))
-                probed = sorted(plan[name].sensitivity.get(kind, {}))
-                others = f" ({len(missing) - 1} more layers likewise)" if len(missing) > 1 else ""
-                option = "w_candidates" if kind == "w" else "a_candidates"
-                if not probed:
-                    raise ValueError(
-                        f"layer {name!r} has no {kind!r} sensitivity{others}: add a SensitivityProbe callback (with "
-                        f"candidate_bits covering {bits}) before BitAllocator"
-                    )
-                raise ValueError(
-                    f"layer {name!r} has no {kind!r} sensitivity for bits {bits} (probed: {probed}){others}: add "
-                    f"{bits} to SensitivityProbe.candidate_bits, or remove them from ExactAllocation.{option}"
-                )
-        objective = np.empty((len(names), len(self.options)))
-        for i, name in enumerate(names):
-            sens = plan[name].sensitivity
-            for k, (bw, ba) in enumerate(self.options):
-                value = sens["w"][bw] + (self.act_weight * sens["a"][ba] if self.act_weight > 0 else 0.0)
-                if not math.isfinite(value):
-                    raise ValueError(f"layer {name!r}: sensitivity at W{bw}A{ba} is {value}; probe it again")
-                objective[i, k] = value
+                raise self._missing(plan, kind, missing)
+            for i, name in enumerate(names):
+                scores = plan[name].sensitivity[kind]
+                for k, option in enumerate(self.options):
+                    bits = option[0] if kind == "w" else option[1]
+                    score = scores[bits]
+                    if not math.isfinite(score):
+                        raise ValueError(
+                            f"layer {name!r}: {TENSOR[kind]} sensitivity at {bits} bits is {score}; probe it again"
+                        )
+                    objective[i, k] += weight * score
         return objective
 
     def _constraints(self, plan: QuantPlan, names: list[str], energy_model: EnergyModel) -> list[Constraint]:
@@ -236,40 +246,53 @@ class ExactAllocation(Policy):
         macs = np.array([spec.macs for spec in free], dtype=np.float64)[:, None]
         act_in = np.array([spec.act_in for spec in free], dtype=np.float64)[:, None]
         shape = (len(free), len(options))
+        owner = type(self).__name__
         constraints = []
-        energy_budget = self.energy_uj
-        if self.reference_bits is not None:
-            energy_budget = self.energy_ratio * uniform_energy(plan, energy_model, *self.reference_bits).total_pj
-            energy_budget /= PJ_PER_UJ
-        if energy_budget is not None:
-            coeffs = np.array([[_energy_uj(energy_model, spec, bw, ba) for bw, ba in options] for spec in free])
-            coeffs = coeffs.reshape(shape)
-            offset = sum(energy_model.layer(spec, lp.w_bits, lp.a_bits).total_pj for spec, lp in pinned) / PJ_PER_UJ
-            constraints.append(Constraint("energy", coeffs, energy_budget, "µJ/image", offset))
+        if self.energy_uj is not None or self.reference_bits is not None:
+            fix = f"remove those bits from {owner}.w_candidates / a_candidates"
+            coeffs = np.array([[_energy_uj(energy_model, spec, bw, ba, fix) for bw, ba in options] for spec in free])
+            fix = "change the layer's pinned bits (BitAllocator.first_last_bits / overrides)"
+            offset = sum(_energy_uj(energy_model, spec, lp.w_bits, lp.a_bits, fix) for spec, lp in pinned)
+            if self.reference_bits is not None:
+                # The budget is a multiple of a uniform setting's energy: messages give it as that ratio too.
+                reference = uniform_energy(plan, energy_model, *self.reference_bits).total_pj / PJ_PER_UJ
+                energy = Constraint(
+                    "energy",
+                    coeffs.reshape(shape),
+                    self.energy_ratio * reference,
+                    "µJ/image",
+                    offset,
+                    ratio_of=("energy_ratio", reference),
+                )
+            else:
+                energy = Constraint("energy", coeffs.reshape(shape), self.energy_uj, "µJ/image", offset, "energy_uj")
+            constraints.append(energy)
         if self.size_mb is not None:
             offset = sum(spec.params * effective_bits(lp.w_bits) for spec, lp in pinned) / 8 / 1e6
-            constraints.append(Constraint("size", params * w / 8 / 1e6, self.size_mb, "MB", offset))
+            constraints.append(Constraint("size", params * w / 8 / 1e6, self.size_mb, "MB", offset, "size_mb"))
         if self.bit_ops_g is not None:
             offset = sum(spec.macs * effective_bits(lp.w_bits) * effective_bits(lp.a_bits) for spec, lp in pinned)
             constraints.append(
-                Constraint("bit_ops", macs * w * a / 1e9, self.bit_ops_g, "G bit-ops/image", offset / 1e9)
+                Constraint("bit_ops", macs * w * a / 1e9, self.bit_ops_g, "G bit-ops/image", offset / 1e9, "bit_ops_g")
             )
         if self.avg_weight_bits is not None:
             total = max(sum(spec.params for spec in plan.specs.values()), 1)
             offset = sum(spec.params * effective_bits(lp.w_bits) for spec, lp in pinned) / total
             coeffs = params * w / total
-            constraints.append(Constraint("avg_weight_bits", coeffs, self.avg_weight_bits, "bits", offset))
+            constraints.append(
+                Constraint("avg_weight_bits", coeffs, self.avg_weight_bits, "bits", offset, "avg_weight_bits")
+            )
         if self.avg_act_bits is not None:
             total = max(sum(spec.act_in for spec in plan.specs.values()), 1)
             offset = sum(spec.act_in * effective_bits(lp.a_bits) for spec, lp in pinned) / total
             coeffs = act_in * a / total
-            constraints.append(Constraint("avg_act_bits", coeffs, self.avg_act_bits, "bits", offset))
+            constraints.append(Constraint("avg_act_bits", coeffs, self.avg_act_bits, "bits", offset, "avg_act_bits"))
         for con in constraints:
             assert con.coeffs.shape == shape, (con.name, con.coeffs.shape, shape)
         return constraints
 
     # ------------------------------------------------------------------------------------------------ policy
-    def allocate(self, plan: QuantPlan, energy_model: Any = None) -> Allocation:
+    def allocate(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> Allocation:
         """The optimal bits of every non-pinned layer; pinned layers keep theirs and count towards the budgets.
 
         Args:
@@ -313,7 +336,7 @@ class ExactAllocation(Policy):
         """E.g. ``ExactAllocation(energy<=1.00xW4A4, size<=2 MB)``."""
         parts = []
         if self.energy_relative_to is not None:
-            parts.append(f"energy<={self.energy_ratio:.2f}x{self.energy_relative_to.strip().upper()}")
+            parts.append(f"energy<={self.energy_ratio:.2f}x{format_setting(*self.reference_bits)}")
         if self.energy_uj is not None:
             parts.append(f"energy<={self.energy_uj:g} µJ/image")
         if self.size_mb is not None:

@@ -8,14 +8,26 @@ Layers are ranked by their sensitivity at one probed bit width; with the default
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from lit_mpq.allocation.base import Allocation, Policy
-from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.bits import validate_bits, validate_candidates, validate_width
+from lit_mpq.energy.models import EnergyModel
+from lit_mpq.plan import QuantPlan
 
 TARGETS = ("w", "a", "both")
+TENSOR = {"w": "weight", "a": "activation"}
+
+
+def _no_scores(name: str, kind: str, probed: bool) -> str:
+    """The message for a layer without sensitivities of ``kind``; ``probed`` says whether it has any other."""
+    if not probed:
+        return f"layer {name!r} has no sensitivity: add a SensitivityProbe callback before BitAllocator"
+    other = "w" if kind == "a" else "a"
+    return (
+        f"layer {name!r} has no {TENSOR[kind]} ({kind!r}) sensitivity: the SensitivityProbe measured only "
+        f"{TENSOR[other]}s; add {kind!r} to SensitivityProbe.kinds, or set SensitivityPercentile.target: {other!r}"
+    )
 
 
 class SensitivityPercentile(Policy):
@@ -51,8 +63,7 @@ class SensitivityPercentile(Policy):
             raise ValueError(f"bits needs one more entry than percentiles: got {len(bits)} bits for {percentiles}")
         if any(not 0 < p < 100 for p in percentiles) or list(percentiles) != sorted(set(percentiles)):
             raise ValueError(f"percentiles must be strictly increasing values in (0, 100), got {percentiles}")
-        for b in bits:
-            validate_bits(b, "SensitivityPercentile.bits")
+        validate_candidates(bits, "SensitivityPercentile.bits")
         if list(bits) != sorted(bits):
             raise ValueError(f"bits must be increasing (least sensitive layers get bits[0]), got {bits}")
         self.percentiles = [float(p) for p in percentiles]
@@ -60,16 +71,21 @@ class SensitivityPercentile(Policy):
         self.target = target
         self.w_bits = validate_bits(w_bits, "SensitivityPercentile.w_bits")
         self.a_bits = validate_bits(a_bits, "SensitivityPercentile.a_bits")
-        self.score_bits = validate_bits(score_bits, "SensitivityPercentile.score_bits")
+        self.score_bits = (
+            None
+            if score_bits is None
+            else validate_width(
+                score_bits, "SensitivityPercentile.score_bits", alternative="or null for the lowest probed width"
+            )
+        )
 
     def _assign(self, plan: QuantPlan, names: list[str], kind: str) -> dict[str, int]:
+        """Bits of ``kind`` (``"w"`` or ``"a"``) for ``names`` by percentile of their sensitivity."""
         scores = []
         for name in names:
             table = plan[name].sensitivity.get(kind)
             if not table:
-                raise ValueError(
-                    f"layer {name!r} has no {kind!r} sensitivity: add a SensitivityProbe callback before BitAllocator"
-                )
+                raise ValueError(_no_scores(name, kind, probed=bool(plan[name].sensitivity)))
             bits = self.score_bits if self.score_bits is not None else min(table)
             if bits not in table:
                 raise ValueError(f"score_bits={bits} was not probed for {name!r}; probed: {sorted(table)}")
@@ -80,7 +96,7 @@ class SensitivityPercentile(Policy):
         index = np.searchsorted(thresholds, np.asarray(scores, dtype=np.float64), side="left")
         return {name: self.bits[int(i)] for name, i in zip(names, index, strict=True)}
 
-    def allocate(self, plan: QuantPlan, energy_model: Any = None) -> Allocation:
+    def allocate(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> Allocation:
         """Bits for every non-pinned layer by percentile of its sensitivity."""
         names = [name for name in plan if not plan[name].pinned]
         w = self._assign(plan, names, "w") if self.target in ("w", "both") else dict.fromkeys(names, self.w_bits)

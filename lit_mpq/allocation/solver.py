@@ -13,6 +13,7 @@ Exactness:
   factor, which do not change the optimum) so that HiGHS' absolute gap of 1e-6 is about 1e-10 of the largest
   per-layer spread of the objective.
 * Budget rows are divided by their largest magnitude, so budgets in pJ and in bits are equally well conditioned.
+* When each layer's best option already meets every budget, that choice is returned without calling HiGHS.
 * HiGHS accepts a constraint violation of up to about 1e-6 of a scaled row. Every solution is therefore checked
   against the budgets in double precision (tolerance :data:`RELATIVE_TOLERANCE`); a solution that fails the check
   is excluded with a cut that forbids exactly that combination, and the MILP is solved again.
@@ -27,14 +28,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import itertools
 import math
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -46,6 +44,7 @@ __all__ = [
     "Constraint",
     "InfeasibleBudgetError",
     "brute_force_multiple_choice",
+    "round_up",
     "solve_multiple_choice",
 ]
 
@@ -64,44 +63,46 @@ _MAX_CUTS = 100
 """Most re-solves after solutions that HiGHS accepted within its tolerance but that break a budget exactly."""
 
 
-_HIGHS_OPTIONS = {"mip_rel_gap": 0.0, "presolve": False}
-"""Prove optimality (no relative gap). Presolve brings nothing to a multiple-choice problem and, in HiGHS 1.12,
-more often ends in the stray debug print that :func:`_quiet_stdout` hides."""
+_HIGHS_OPTIONS = {"disp": False, "mip_rel_gap": 0.0, "presolve": False}
+"""No solver log; prove optimality (no relative gap); no presolve, which brings nothing to a multiple-choice problem.
+
+The process's stdout is left alone. HiGHS 1.12 (bundled with SciPy 1.17) still prints one stray debug line,
+``HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();``, when it repairs an incumbent, whatever
+the options (https://github.com/ERGO-Code/HiGHS/issues/2783; the ``printf`` is gone from HiGHS 1.13). Redirecting
+file descriptor 1 around the call would hide it, but for every thread of the process, so it is not done; budgets
+that do not bind never reach HiGHS (see :func:`solve_multiple_choice`)."""
+
+_SHOWN_DIGITS = 6
+"""Significant digits of the budget totals in messages."""
+
+_SHOWN_RATIO_DIGITS = 4
+"""Significant digits of budget ratios (e.g. ``energy_ratio``) in messages."""
 
 
-def _flush_c_stdout() -> None:
-    """Flush the C library's stdout buffer (where HiGHS' ``printf`` output waits when stdout is not a terminal)."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(None).fflush(None)
+def round_up(value: float, digits: int = _SHOWN_DIGITS) -> str:
+    """``value`` written with ``digits`` significant digits, rounded up, so the shown number is never below it.
 
+    A smallest achievable total shown this way can be copied back as a budget and is feasible.
 
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """Send the process' file descriptor 1 to ``os.devnull`` for the duration of the block.
-
-    HiGHS 1.12 (bundled with SciPy 1.17) prints ``HighsMipSolverData::transformNewIntegerFeasibleSolution
-    tmpSolver.run();`` to the C-level stdout whenever it repairs a postsolved solution, even with logging off
-    (https://github.com/ERGO-Code/HiGHS/issues/2783). Nothing else is written there while ``milp`` runs with
-    ``disp=False``. If file descriptor 1 cannot be duplicated, the block runs unchanged.
+    Example:
+        >>> round_up(3.875101), round_up(2.0), round_up(0.61234, 3)
+        ('3.87511', '2', '0.613')
     """
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        _flush_c_stdout()
-        os.dup2(saved, 1)
-        os.close(saved)
+    text = f"{value:.{digits}g}"
+    if float(text) >= value:
+        return text
+    shown = Decimal(text)
+    # One unit in the last shown digit up; Decimal keeps the step exact where float arithmetic would not.
+    step = Decimal(1).scaleb(shown.adjusted() - digits + 1)
+    return f"{float(shown + step):.{digits}g}"
 
 
 class InfeasibleBudgetError(ValueError):
-    """No choice of options meets every budget; the message gives the smallest achievable value of each."""
+    """No choice of options meets every budget; the message gives the smallest achievable value of each.
+
+    A ``ValueError``, so a command line reports it like any other configuration error; its own type, so that a
+    sweep over budgets can tell an unreachable budget (skip the point) from a configuration error (stop).
+    """
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ class Constraint:
         upper: The budget, in ``unit``.
         unit: Unit of ``coeffs``, ``offset`` and ``upper``, e.g. ``"µJ/image"``.
         offset: Constant part of the total (e.g. layers whose options are fixed), in ``unit``.
+        option: The user's option that sets ``upper`` (e.g. ``"size_mb"``); messages then write budgets as
+            ``option=value``, ready to copy into a config.
+        ratio_of: ``(option, reference)`` when the user set the budget as a multiple of ``reference`` (in ``unit``),
+            e.g. ``("energy_ratio", 38.8)``; messages then write budgets as that option's ratio, the total beside it.
     """
 
     name: str
@@ -122,6 +127,24 @@ class Constraint:
     upper: float
     unit: str = ""
     offset: float = 0.0
+    option: str = ""
+    ratio_of: tuple[str, float] | None = None
+
+    def show(self, value: float, up: bool = False) -> str:
+        """A total of this budget as the user would write it, e.g. ``energy_ratio=0.6124 (23.79 µJ/image)``.
+
+        Args:
+            value: The total, in ``unit``.
+            up: Round up (for smallest achievable totals, so that the shown value is feasible when copied).
+        """
+        unit = f" {self.unit}" if self.unit else ""
+        total = round_up(value) if up else f"{value:.{_SHOWN_DIGITS}g}"
+        if self.ratio_of is not None:
+            option, reference = self.ratio_of
+            ratio = value / reference
+            shown = round_up(ratio, _SHOWN_RATIO_DIGITS) if up else f"{ratio:.{_SHOWN_RATIO_DIGITS}g}"
+            return f"{option}={shown} ({total}{unit})"
+        return f"{self.option}={total}{unit}" if self.option else f"{total}{unit}"
 
     def scale(self, available: np.ndarray | None = None) -> float:
         """Magnitude of the quantities in this budget: the largest of ``|upper|`` and ``|offset| + sum_l max_k |c|``.
@@ -191,21 +214,24 @@ def _violated(constraints: Sequence[Constraint], choice: np.ndarray, available: 
 
 
 def _infeasible(constraints: Sequence[Constraint], available: np.ndarray) -> InfeasibleBudgetError:
-    """The error for budgets that no choice meets, with each budget's smallest achievable value and request."""
+    """The error for budgets that no choice meets, with each budget's smallest achievable value and request.
+
+    The smallest values are rounded up at the precision shown, so that each can be copied back as a budget.
+    """
     lines, alone_ok = [], True
     for con in constraints:
         smallest = con.smallest(available)
         ok = smallest <= con.limit(available)
         alone_ok &= ok
-        unit = f" {con.unit}" if con.unit else ""
         verdict = "feasible on its own" if ok else "infeasible on its own"
         lines.append(
-            f"  {con.name}: smallest achievable {smallest:.6g}{unit}, requested <= {con.upper:.6g}{unit} ({verdict})"
+            f"  {con.name}: smallest achievable {con.show(smallest, up=True)}, requested {con.show(con.upper)} "
+            f"({verdict})"
         )
     if alone_ok and len(constraints) > 1:
         advice = "Each budget is feasible on its own but they are jointly infeasible: loosen at least one of them."
     else:
-        advice = "Raise each infeasible budget to at least its smallest achievable value (or add cheaper options)."
+        advice = "Raise each infeasible budget to at least its smallest achievable value, or add cheaper options."
     return InfeasibleBudgetError("no choice meets every budget:\n" + "\n".join(lines) + "\n" + advice)
 
 
@@ -235,6 +261,9 @@ def solve_multiple_choice(objective: np.ndarray, constraints: Sequence[Constrain
         return np.zeros(0, dtype=np.int64)
     if any(con.smallest(available) > con.limit(available) for con in constraints):
         raise _infeasible(constraints, available)  # no need to ask the solver
+    best = objective.argmin(axis=1)  # unavailable options are +inf, never the minimum
+    if not _violated(constraints, best, available):
+        return best.astype(np.int64)  # the budgets do not bind: each layer's best option is optimal
 
     # Objective: subtract each layer's best value (a constant, since exactly one option is chosen per layer) and
     # scale, so the MIP gap tolerance is tiny against the differences that matter.
@@ -266,10 +295,7 @@ def solve_multiple_choice(objective: np.ndarray, constraints: Sequence[Constrain
                 for c in cuts
             ]
             linear.append(LinearConstraint(vstack(cut_rows).tocsr(), -np.inf, num_layers - 1.0))
-        with _quiet_stdout():
-            result = milp(
-                cost, integrality=np.ones(num_vars), bounds=bounds, constraints=linear, options=_HIGHS_OPTIONS
-            )
+        result = milp(cost, integrality=np.ones(num_vars), bounds=bounds, constraints=linear, options=_HIGHS_OPTIONS)
         if result.status == 2:
             raise _infeasible(constraints, available)
         if result.x is None or not result.success:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lit_mpq.allocation.base import Allocation, Policy
-from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.bits import format_setting, validate_bits
+from lit_mpq.energy.models import EnergyModel
+from lit_mpq.plan import QuantPlan
 
 
 class Uniform(Policy):
@@ -24,12 +24,10 @@ class Uniform(Policy):
         self.w_bits = validate_bits(w_bits, "Uniform.w_bits")
         self.a_bits = validate_bits(a_bits, "Uniform.a_bits")
 
-    def allocate(self, plan: QuantPlan, energy_model: Any = None) -> Allocation:
+    def allocate(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> Allocation:
         """Same bits for every layer."""
         return {name: (self.w_bits, self.a_bits) for name in plan}
 
     def describe(self) -> str:
-        """E.g. ``Uniform(W4A8)``."""
-        w = "FP" if self.w_bits is None else self.w_bits
-        a = "FP" if self.a_bits is None else self.a_bits
-        return f"Uniform(W{w}A{a})"
+        """E.g. ``Uniform(W4A8)``, ``Uniform(WFPAFP)``."""
+        return f"Uniform({format_setting(self.w_bits, self.a_bits)})"

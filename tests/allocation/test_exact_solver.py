@@ -15,6 +15,7 @@ from lit_mpq.allocation.solver import (
     Constraint,
     InfeasibleBudgetError,
     brute_force_multiple_choice,
+    round_up,
     solve_multiple_choice,
 )
 
@@ -108,8 +109,8 @@ def test_infeasible_message_gives_the_smallest_achievable_value() -> None:
     with pytest.raises(InfeasibleBudgetError) as info:
         solve_multiple_choice(np.zeros((3, 2)), [con])
     message = str(info.value)
-    assert f"{smallest:.6g} µJ/image" in message and "3 µJ/image" in message
-    assert "infeasible on its own" in message
+    assert "energy: smallest achievable 3.875 µJ/image, requested 3 µJ/image (infeasible on its own)" in message
+    assert smallest == 3.875
     assert isinstance(info.value, ValueError)
     with pytest.raises(InfeasibleBudgetError, match="3.875 µJ/image"):
         brute_force_multiple_choice(np.zeros((3, 2)), [con])
@@ -180,3 +181,60 @@ def test_no_constraints_picks_the_best_option_per_layer() -> None:
     rng = np.random.default_rng(1)
     objective = rng.random((8, 4))
     assert solve_multiple_choice(objective, []).tolist() == objective.argmin(axis=1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ messages
+@pytest.mark.parametrize(
+    ("value", "digits", "shown"),
+    [
+        (3.875, 6, "3.875"),  # exact at the precision: unchanged
+        (2.0, 6, "2"),
+        (0.060203008, 6, "0.0602031"),  # to the nearest would be 0.060203, below the value
+        (0.5681216680022928, 4, "0.5682"),
+        (9.999994, 6, "10"),  # rounding up carries into a new digit
+        (1.2345649e-7, 6, "1.23457e-07"),
+        (123456789.0, 3, "1.24e+08"),
+        (0.0, 6, "0"),
+        (-1.2345649, 6, "-1.23456"),  # up is towards +inf
+    ],
+)
+def test_round_up_never_shows_less_than_the_value(value: float, digits: int, shown: str) -> None:
+    assert round_up(value, digits) == shown
+    assert float(shown) >= value
+
+
+def test_infeasible_minimum_copied_back_is_feasible() -> None:
+    coeffs = np.array([[0.5, 2.0], [0.5, 4.0], [0.1234549, 9.0]])  # smallest 1.1234549: to the nearest, 1.12345
+    con = Constraint("energy", coeffs, upper=1.0, unit="µJ/image", option="energy_uj")
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve_multiple_choice(np.zeros((3, 2)), [con])
+    message = str(info.value)
+    assert "energy: smallest achievable energy_uj=1.12346 µJ/image, requested energy_uj=1 µJ/image" in message
+    copied = Constraint("energy", coeffs, upper=1.12346, unit="µJ/image")
+    assert solve_multiple_choice(np.zeros((3, 2)), [copied]).tolist() == [0, 0, 0]
+    # The minimum to the nearest digit, as the message used to give it, is not a budget that can be met.
+    with pytest.raises(InfeasibleBudgetError):
+        solve_multiple_choice(np.zeros((3, 2)), [Constraint("energy", coeffs, upper=1.12345, unit="µJ/image")])
+
+
+def test_a_ratio_budget_is_shown_as_its_ratio() -> None:
+    coeffs = np.array([[10.0, 20.0], [13.0, 40.0]])  # smallest 23 of a reference 40: ratio 0.575
+    con = Constraint("energy", coeffs, upper=20.0, unit="µJ/image", ratio_of=("energy_ratio", 40.0))
+    with pytest.raises(InfeasibleBudgetError) as info:
+        solve_multiple_choice(np.zeros((2, 2)), [con])
+    message = str(info.value)
+    assert "smallest achievable energy_ratio=0.575 (23 µJ/image), requested energy_ratio=0.5 (20 µJ/image)" in message
+    assert con.show(23.0000001, up=True) == "energy_ratio=0.5751 (23.0001 µJ/image)"
+    assert Constraint("size", coeffs, 1.0, "MB").show(0.25) == "0.25 MB"
+
+
+def test_budgets_that_do_not_bind_are_decided_without_highs(monkeypatch) -> None:
+    objective = np.array([[3.0, 1.0, np.inf], [0.0, 4.0, 2.0]])
+    loose = Constraint("size", np.array([[1.0, 2.0, np.inf], [1.0, 2.0, 3.0]]), upper=10.0, unit="MB")
+
+    def no_milp(*args, **kwargs):
+        raise AssertionError("HiGHS was called for a budget that does not bind")
+
+    monkeypatch.setattr(solver_module, "milp", no_milp)
+    assert solve_multiple_choice(objective, [loose]).tolist() == [1, 0]
+    assert solve_multiple_choice(objective, []).tolist() == [1, 0]

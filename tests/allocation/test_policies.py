@@ -1,6 +1,7 @@
 """Allocation policies against hand-made examples with the expected allocation written out."""
 
 import pytest
+import yaml
 
 from lit_mpq.allocation import FromFile, Policy, SensitivityPercentile, Uniform
 from lit_mpq.plan import LayerPlan, LayerSpec, QuantPlan
@@ -127,8 +128,11 @@ def test_percentile_missing_sensitivity_names_the_probe():
     for name in NAMES:
         del plan[name].sensitivity["a"]
     assert len(SensitivityPercentile(target="w").allocate(plan)) == 8
-    with pytest.raises(ValueError, match="SensitivityProbe"):
+    with pytest.raises(ValueError, match="SensitivityProbe") as err:
         SensitivityPercentile(target="a").allocate(plan)
+    # A probe that measured weights only is named as such, with the two ways out.
+    assert "no activation ('a') sensitivity: the SensitivityProbe measured only weights" in str(err.value)
+    assert "'a' to SensitivityProbe.kinds" in str(err.value) and "target: 'w'" in str(err.value)
 
 
 def test_percentile_unprobed_score_bits():
@@ -155,9 +159,10 @@ def test_percentile_all_pinned_allocates_nothing():
         ({"percentiles": [25, 100]}, r"\(0, 100\)"),
         ({"bits": [8, 6, 4]}, "increasing"),
         ({"bits": [1, 6, 8]}, "SensitivityPercentile.bits"),
+        ({"bits": [None, 6, 8]}, "SensitivityPercentile.bits=.*lists null, but FP32 is not a candidate"),
         ({"w_bits": 33}, "w_bits"),
         ({"a_bits": 0}, "a_bits"),
-        ({"score_bits": 9}, "score_bits"),
+        ({"score_bits": 9}, "score_bits=9 is not supported.*or null for the lowest probed width"),
     ],
 )
 def test_percentile_invalid_arguments(kwargs, match):
@@ -203,10 +208,81 @@ def test_from_file_round_trip(tmp_path):
 def test_from_file_rejects_a_plan_for_another_model(tmp_path):
     specs = [LayerSpec(name=n, kind="linear", params=1, macs=1, act_in=1, act_out=1) for n in ["l0", "l1", "extra"]]
     path = QuantPlan(specs).to_yaml(tmp_path / "other.yaml")
-    with pytest.raises(ValueError, match="another model") as err:
-        FromFile(str(path)).allocate(make_plan())
-    message = str(err.value)
-    assert "extra" in message and "l2" in message
+    policy = FromFile(str(path))
+    for check in (policy.check_plan, policy.allocate):
+        with pytest.raises(ValueError, match="does not fit this model") as err:
+            check(make_plan())
+        message = str(err.value)
+        assert str(path) in message
+        assert "the model's layers ['l2', 'l3', 'l4', 'l5', 'l6'] (6 in all) are not in the file" in message
+        assert "the file's layers ['extra'] are not in the model" in message
+    # A layer this model leaves in floating point is named as such.
+    target = QuantPlan(make_plan().specs.values(), float_layers={"extra": "never called by the eval forward"})
+    with pytest.raises(ValueError, match=r"layers \['extra'\] are left in floating point in this model"):
+        policy.check_plan(target)
+
+
+def test_from_file_accepts_a_minimal_hand_written_plan(tmp_path):
+    # Only name, w_bits and a_bits are read; rows may come in any order.
+    rows = [{"name": n, "w_bits": 4, "a_bits": None} for n in reversed(NAMES)]
+    path = tmp_path / "hand.yaml"
+    path.write_text(yaml.safe_dump({"layers": rows}))
+    policy = FromFile(str(path))
+    policy.check_plan(make_plan())
+    allocation = policy.allocate(make_plan())
+    assert list(allocation) == NAMES and set(allocation.values()) == {(4, None)}
+
+
+@pytest.mark.parametrize(
+    ("layers", "match"),
+    [
+        ([{"spec": {"name": "l0"}, "w_bits": 4, "a_bits": 4}], r"layers\[0\]: a row needs 'name'"),
+        ([{"name": "l0", "w_bits": 4, "a_bits": 4}, "l1"], r"layers\[1\]: a row needs 'name'"),
+        ([{"name": "l0", "a_bits": 4}], r"layers\[0\] \(layer 'l0'\) has no 'w_bits': give one of .* or null"),
+        ([{"name": "l0", "w_bits": 4}], r"layers\[0\] \(layer 'l0'\) has no 'a_bits'"),
+        ([{"name": "l0", "w_bits": 4, "a_bits": 9}], r"layers\[0\] \(layer 'l0'\): a_bits=9 is not supported"),
+        ([{"name": "l0", "w_bits": "8", "a_bits": 8}], r"\(layer 'l0'\): w_bits='8' is not supported"),
+        (
+            [{"name": "l0", "w_bits": 8, "a_bits": 8}, {"name": "l0", "w_bits": 4, "a_bits": 4}],
+            r"layers\[1\] \(layer 'l0'\) repeats a layer",
+        ),
+        ([], "lists no layers"),
+    ],
+)
+def test_from_file_checks_every_row_at_construction(tmp_path, layers, match):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "layers": layers}))
+    with pytest.raises(ValueError, match=match) as err:
+        FromFile(str(path))
+    assert str(path) in str(err.value) and "KeyError" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("layers: [unclosed\n", "is not valid YAML"),
+        ("just: a mapping\n", "is not a lit_mpq plan"),
+        ("- a list\n", "is not a lit_mpq plan"),
+        ("layers: {l0: 4}\n", "is not a lit_mpq plan"),
+        ("version: 2\nlayers: []\n", "has format version 2; this lit_mpq reads version 1"),
+    ],
+)
+def test_from_file_rejects_what_is_not_a_plan(tmp_path, text, match):
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as err:
+        FromFile(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_from_file_reads_the_file_once(tmp_path):
+    # The run applies what the file said when the policy was built, even if the file changes meanwhile.
+    saved = make_plan()
+    saved.set_bits(dict.fromkeys(NAMES, (4, 4)))
+    path = saved.to_yaml(tmp_path / "plan.yaml")
+    policy = FromFile(str(path))
+    path.write_text("not: a plan\n")
+    assert set(policy.allocate(make_plan()).values()) == {(4, 4)}
 
 
 def test_from_file_missing_path_fails_at_construction(tmp_path):

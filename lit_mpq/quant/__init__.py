@@ -3,7 +3,10 @@
 from lit_mpq.quant.apply import (
     QuantSettings,
     apply_plan,
+    default_filter,
+    is_weight_layer,
     measure_layers,
+    measure_model,
     quant_layer_names,
     quant_layers,
     quantize_model,
@@ -11,7 +14,14 @@ from lit_mpq.quant.apply import (
     set_mode,
 )
 from lit_mpq.quant.functional import fake_quantize, qparams_from_range, quant_range, quantize_dequantize
-from lit_mpq.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
+from lit_mpq.quant.modules import (
+    ActivationQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    WeightQuantizer,
+    quant_class,
+    unsupported_reason,
+)
 from lit_mpq.quant.observers import (
     OBSERVERS,
     MinMaxObserver,
@@ -36,9 +46,13 @@ __all__ = [
     "WeightQuantizer",
     "apply_plan",
     "build_observer",
+    "default_filter",
     "fake_quantize",
+    "is_weight_layer",
     "measure_layers",
+    "measure_model",
     "qparams_from_range",
+    "quant_class",
     "quant_layer_names",
     "quant_layers",
     "quant_range",
@@ -47,5 +61,6 @@ __all__ = [
     "quantizers_mode",
     "set_mode",
     "sync_observers",
+    "unsupported_reason",
     "weight_qparams",
 ]

@@ -1,16 +1,19 @@
 """Prepare a model for quantization by swapping submodules, measure its layers, and apply a plan.
 
 ``quantize_model`` follows torchao's ``quantize_``: it walks the model in place and replaces every
-``nn.Conv2d`` / ``nn.Linear`` selected by ``filter_fn(module, fqn)`` with its fake-quantized twin, sharing the
-parameters. ``measure_layers`` runs one dummy forward to fill each layer's :class:`~lit_mpq.plan.LayerSpec`
-(MACs, activation sizes), and ``apply_plan`` pushes a plan's bit widths into the quantizers.
+``nn.Conv2d`` / ``nn.Linear`` (subclasses included) selected by ``filter_fn(module, fqn)`` with its fake-quantized
+twin, sharing the parameters. ``measure_model`` runs one dummy forward and returns the model's
+:class:`~lit_mpq.plan.QuantPlan`: each quantized layer's :class:`~lit_mpq.plan.LayerSpec` (MACs, activation sizes),
+the layers that see the input first and the classifier heads, and every weight layer left in floating point with the
+reason (layers the forward never calls are swapped back to float on the way). ``apply_plan`` pushes a plan's bit
+widths into the quantizers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -18,11 +21,11 @@ from torch import Tensor, nn
 from lit_mpq.plan import LayerSpec, QuantPlan
 from lit_mpq.quant.modules import (
     ActivationQuantizer,
-    QuantConv2d,
     QuantLayerMixin,
-    QuantLinear,
     WeightQuantizer,
     is_quant_layer,
+    quant_class,
+    unsupported_reason,
 )
 from lit_mpq.quant.observers import build_observer
 from lit_mpq.quant.weights import GRANULARITIES, WEIGHT_METHODS
@@ -62,33 +65,79 @@ class QuantSettings:
 
 FilterFn = Callable[[nn.Module, str], bool]
 
+NOT_CALLED = (
+    "not called by the forward pass in eval mode (a training-only auxiliary head, or a weight its parent uses "
+    "directly); left in FP32, costs nothing at inference"
+)
+"""Reason recorded in ``QuantPlan.float_layers`` for a layer that the eval forward never calls."""
 
-def _default_filter(module: nn.Module, name: str) -> bool:
-    return type(module) in (nn.Conv2d, nn.Linear)
+NOT_SELECTED = "not selected by filter_fn; left in FP32"
+"""Reason recorded for a layer that could be quantized but was not selected."""
+
+MULTIHEAD_ATTENTION = (
+    "nn.MultiheadAttention computes its input projections from its own weights (in_proj_weight), not through a "
+    "Linear module; left in FP32"
+)
+"""Reason recorded for ``nn.MultiheadAttention`` (its ``out_proj`` is reported on its own)."""
+
+_WEIGHT_LAYER_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Bilinear,
+    nn.MultiheadAttention,
+)
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module`` computes with a learned kernel or matrix (what nobody should find left in FP32 silently).
+
+    Convolutions of any dimension, Linear, Bilinear and MultiheadAttention, and any other module owning a weight of
+    two or more dimensions (timm's ``CondConv2d``, say), except embedding tables (look-ups, no multiply-accumulates).
+    Subclasses included, quantized layers included.
+    """
+    if isinstance(module, _WEIGHT_LAYER_TYPES):
+        return True
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() >= 2 and not isinstance(module, nn.Embedding | nn.EmbeddingBag)
+
+
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Every ``nn.Conv2d`` / ``nn.Linear`` that can be quantized, subclasses included (see ``unsupported_reason``)."""
+    return isinstance(module, nn.Conv2d | nn.Linear) and unsupported_reason(module) is None
 
 
 def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterFn | None = None) -> list[str]:
     """Replace every selected ``nn.Conv2d`` / ``nn.Linear`` of ``model`` in place with its fake-quantized twin.
 
-    Already-quantized layers are left alone, so the call is idempotent.
+    Subclasses get a twin of their own class that reproduces their forward (see
+    :func:`~lit_mpq.quant.modules.quant_class`). Already-quantized layers are left alone, so the call is idempotent.
 
     Args:
         model: The float model.
         settings: Quantizer settings for all layers.
-        filter_fn: ``filter_fn(module, fqn) -> bool`` selecting layers; default: every exact Conv2d / Linear.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` selecting layers; default :func:`default_filter`: every
+            Conv2d / Linear (and subclass) that lit_mpq can quantize.
 
     Returns:
         Fully qualified names of the quantized layers, in model order.
+
+    Raises:
+        ValueError: If ``filter_fn`` selects a layer that cannot be quantized (the reason is in the message).
     """
-    filter_fn = filter_fn or _default_filter
+    filter_fn = filter_fn or default_filter
     targets = [
         (name, module)
         for name, module in model.named_modules()
         if name and not is_quant_layer(module) and filter_fn(module, name)
     ]
-    unsupported = [name for name, module in targets if not isinstance(module, nn.Conv2d | nn.Linear)]
+    unsupported = [f"{name}: {reason}" for name, module in targets if (reason := unsupported_reason(module))]
     if unsupported:
-        raise ValueError(f"only nn.Conv2d and nn.Linear layers can be quantized; filter_fn selected {unsupported[:5]}")
+        raise ValueError(f"filter_fn selected layers that lit_mpq cannot quantize: {'; '.join(unsupported[:5])}")
     for name, module in targets:
         weight_quantizer = WeightQuantizer(
             symmetric=settings.weight_symmetric,
@@ -98,14 +147,17 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
         input_quantizer = ActivationQuantizer(
             build_observer(settings.act_observer, settings.act_symmetric, settings.percentile)
         ).to(module.weight.device)
-        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = cls.from_float(module, weight_quantizer, input_quantizer)
+        layer = quant_class(type(module)).from_float(module, weight_quantizer, input_quantizer)
         if settings.bias_correction:
             layer.enable_bias_correction()
-        setattr(parent, child, layer)
+        _replace(model, name, layer)
     return quant_layer_names(model)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
@@ -118,24 +170,37 @@ def quant_layer_names(model: nn.Module) -> list[str]:
     return list(quant_layers(model))
 
 
+@dataclass
+class _Trace:
+    """What one eval forward pass showed about the model's weight layers."""
+
+    specs: dict[str, LayerSpec] = field(default_factory=dict)
+    """Measured quantized layers (the ones called)."""
+    called: dict[str, None] = field(default_factory=dict)
+    """Weight layers (quantized or not) in the order of their first call (a dict as an ordered set)."""
+    reads_input: set[str] = field(default_factory=set)
+    """Quantized layers fed the network input itself, or the same tensor as the first quantized layer."""
+
+
 @torch.no_grad()
-def measure_layers(model: nn.Module, example_input: Tensor) -> list[LayerSpec]:
-    """Measure every fake-quantized layer with one forward pass of ``example_input`` (batch of 1 or more).
-
-    MACs per image: Conv2d ``out_elements * in_channels / groups * kh * kw``, Linear
-    ``out_elements * in_features`` (tokens included, so a ViT's Linear counts every token).
-
-    Returns:
-        One :class:`LayerSpec` per quantized layer, in model order.
-    """
-    layers = quant_layers(model)
-    measured: dict[str, LayerSpec] = {}
+def _trace(model: nn.Module, example_input: Tensor) -> _Trace:
+    """Run ``example_input`` through ``model`` in eval mode, quantizers off, hooking every weight layer."""
+    trace = _Trace()
     batch = example_input.shape[0]
+    first_input: list[Tensor] = []  # the first quantized layer's input, once it has run
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            trace.called.setdefault(name)
+            if not is_quant_layer(module):
+                return
+            x = inputs[0]
+            if not first_input:
+                first_input.append(x)
+            if x is example_input or x is first_input[0]:
+                trace.reads_input.add(name)
             out_per_image = output.numel() // batch
-            in_per_image = inputs[0].numel() // batch
+            in_per_image = x.numel() // batch
             if isinstance(module, nn.Conv2d):
                 kh, kw = module.kernel_size
                 macs = out_per_image * (module.in_channels // module.groups) * kh * kw
@@ -143,12 +208,12 @@ def measure_layers(model: nn.Module, example_input: Tensor) -> list[LayerSpec]:
             else:
                 macs = out_per_image * module.in_features
                 kind = "linear"
-            previous = measured.get(name)
+            previous = trace.specs.get(name)
             if previous is not None:  # a layer called twice per forward: add up its work
                 macs += previous.macs
                 in_per_image += previous.act_in
                 out_per_image += previous.act_out
-            measured[name] = LayerSpec(
+            trace.specs[name] = LayerSpec(
                 name=name,
                 kind=kind,
                 params=module.weight.numel(),
@@ -160,7 +225,11 @@ def measure_layers(model: nn.Module, example_input: Tensor) -> list[LayerSpec]:
 
         return hook
 
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    handles = [
+        module.register_forward_hook(make_hook(name))
+        for name, module in model.named_modules()
+        if name and is_weight_layer(module)
+    ]
     was_training = model.training
     try:
         with quantizers_mode(model, "off"):
@@ -170,10 +239,99 @@ def measure_layers(model: nn.Module, example_input: Tensor) -> list[LayerSpec]:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    missing = [name for name in layers if name not in measured]
+    return trace
+
+
+def measure_layers(model: nn.Module, example_input: Tensor) -> list[LayerSpec]:
+    """Measure every fake-quantized layer with one forward pass of ``example_input`` (batch of 1 or more).
+
+    MACs per image: Conv2d ``out_elements * in_channels / groups * kh * kw``, Linear
+    ``out_elements * in_features`` (tokens included, so a ViT's Linear counts every token). :func:`measure_model`
+    builds the whole plan and copes with layers that are never called; this function refuses them.
+
+    Returns:
+        One :class:`LayerSpec` per quantized layer, in model order.
+
+    Raises:
+        RuntimeError: If the forward pass does not call every quantized layer.
+    """
+    layers = quant_layers(model)
+    trace = _trace(model, example_input)
+    missing = [name for name in layers if name not in trace.specs]
     if missing:
         raise RuntimeError(f"layers never called by the forward pass cannot be quantized or costed: {missing[:5]}")
-    return [measured[name] for name in layers]
+    return [trace.specs[name] for name in layers]
+
+
+def measure_model(model: nn.Module, example_input: Tensor) -> QuantPlan:
+    """Measure a model prepared by :func:`quantize_model` into its :class:`QuantPlan`, with one forward pass.
+
+    The forward runs in eval mode with the quantizers off. Quantized layers it never calls (training-only auxiliary
+    heads, a ``MultiheadAttention``'s ``out_proj``) are swapped back to their float layers: they cost nothing at
+    inference and have no input to calibrate. Besides one :class:`LayerSpec` per quantized layer (model order, MACs as
+    in :func:`measure_layers`) the plan records:
+
+    - ``entry_layers``: the first quantized layer to run, and any other fed the network input itself or the same
+      tensor as that first layer, in execution order;
+    - ``exit_layers``: the classifier head(s). For a timm model (a module with ``pretrained_cfg["classifier"]``,
+      one name or several: LeViT's ``head.linear`` and ``head_dist.linear``) the quantized layer(s) named there,
+      or the last to run inside a named module; otherwise, or when none is quantized, the last quantized layer to
+      run;
+    - ``float_layers``: every weight layer (:func:`is_weight_layer`) that is not quantized, with the reason.
+
+    Args:
+        model: Model prepared by :func:`quantize_model` (changed in place as described).
+        example_input: A batch (of one or more) of the model's input size, on the model's device.
+
+    Returns:
+        The plan, every layer at the default bit widths.
+    """
+    trace = _trace(model, example_input)
+    for name, layer in quant_layers(model).items():
+        if name not in trace.specs:
+            _replace(model, name, layer.to_float())
+    float_layers = {}
+    for name, module in model.named_modules():
+        if name and is_weight_layer(module) and not is_quant_layer(module):
+            float_layers[name] = _float_reason(module, called=name in trace.called)
+    names = quant_layer_names(model)
+    order = [name for name in trace.called if name in trace.specs]  # quantized layers, in execution order
+    return QuantPlan(
+        [trace.specs[name] for name in names],
+        entry_layers=[name for name in order if name in trace.reads_input],
+        exit_layers=_exit_layers(model, order),
+        float_layers=float_layers,
+    )
+
+
+def _float_reason(module: nn.Module, called: bool) -> str:
+    if not called:
+        return NOT_CALLED
+    if isinstance(module, nn.MultiheadAttention):
+        return MULTIHEAD_ATTENTION
+    reason = unsupported_reason(module)
+    return f"{reason}; left in FP32" if reason else NOT_SELECTED
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    """Fully qualified classifier names from the outermost timm ``pretrained_cfg`` in ``model``, if any."""
+    for prefix, module in model.named_modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        classifier = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+        if classifier:
+            names = [classifier] if isinstance(classifier, str) else list(classifier)
+            return [f"{prefix}.{name}" if prefix else name for name in names]
+    return []
+
+
+def _exit_layers(model: nn.Module, order: list[str]) -> list[str]:
+    """The classifier head(s) among the quantized layers ``order`` (execution order); see :func:`measure_model`."""
+    heads = set()
+    for classifier in _classifier_names(model):
+        inside = [name for name in order if name == classifier or name.startswith(classifier + ".")]
+        if inside:
+            heads.add(inside[-1])
+    return [name for name in order if name in heads] or order[-1:]
 
 
 def _quantizers(model: nn.Module) -> Iterator[WeightQuantizer | ActivationQuantizer]:

@@ -1,4 +1,4 @@
-"""Fake-quantized drop-in replacements for ``nn.Conv2d`` and ``nn.Linear``.
+"""Fake-quantized drop-in replacements for ``nn.Conv2d`` and ``nn.Linear``, and for their subclasses.
 
 ``QuantConv2d`` and ``QuantLinear`` subclass the float layers and share their ``weight`` and ``bias``
 parameters, so state-dict keys of the original model stay valid. Each carries two quantizers:
@@ -9,9 +9,23 @@ parameters, so state-dict keys of the original model stay valid. Each carries tw
 
 A quantizer's ``mode`` is ``"off"`` (pass-through), ``"observe"`` (record statistics, pass-through) or
 ``"quant"`` (fake-quantize at its current ``bits``; ``bits = None`` is pass-through too).
+
+Subclasses of the float layers (timm's ``StdConv2d``, ``Conv2dSame``, ``Linear``, torch's
+``NonDynamicallyQuantizableLinear``, ...) get a twin of their own class from :func:`quant_class`: a subclass of both
+``QuantConv2d``/``QuantLinear`` and the float class (the way ``torch.nn.utils.parametrize`` derives
+``Parametrized<Class>``), so ``isinstance`` checks, extra attributes and extra parameters (``ScaledStdConv2d.gain``)
+survive. A layer's computation is split into :meth:`~QuantLayerMixin.effective_weight` (the kernel that actually
+multiplies the input) and :meth:`~QuantLayerMixin.float_forward` (the convolution or affine map, with any padding
+the layer does itself); the quantizers sit between the two. Only forwards listed in :func:`known_forwards` are
+reproduced: a subclass with any other ``forward`` is not quantized, and :func:`unsupported_reason` says why.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Collection
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -22,6 +36,10 @@ from lit_mpq.quant.observers import Observer
 from lit_mpq.quant.weights import weight_qparams
 
 MODES = ("off", "observe", "quant")
+
+
+def _tensor_version(t: Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t._version
 
 
 class _Quantizer(nn.Module):
@@ -58,21 +76,33 @@ class WeightQuantizer(_Quantizer):
         self.per_channel = per_channel
         self.method = method
 
-    def qparams(self, weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-        """Scale and zero point for ``weight`` at ``bits``, cached until the weight changes."""
-        key = (bits, weight.data_ptr(), weight._version)
+    def qparams(self, weight: Tensor, bits: int, version: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """Scale and zero point for ``weight`` at ``bits``, cached until the weight changes.
+
+        Args:
+            weight: The weight to quantize.
+            bits: Bit width.
+            version: What identifies the weight's content (default: its storage and version counter). A weight
+                computed afresh in every forward (a standardized weight) needs the version of the parameters it is
+                computed from: a new tensor may reuse a freed one's storage with the same version 0.
+        """
+        key = (bits, *(version or _tensor_version(weight)))
         if key not in self._cache:
             self._cache[key] = weight_qparams(weight, bits, self.symmetric, self.per_channel, self.method)
         return self._cache[key]
 
-    def quantize(self, weight: Tensor, bits: int) -> Tensor:
-        """Fake-quantize ``weight`` at ``bits`` regardless of the mode (cached while no gradient is needed)."""
+    def quantize(self, weight: Tensor, bits: int, version: tuple[int, ...] | None = None) -> Tensor:
+        """Fake-quantize ``weight`` at ``bits`` regardless of the mode (cached while no gradient is needed).
+
+        ``version`` identifies the weight's content, as in :meth:`qparams`.
+        """
+        version = version or _tensor_version(weight)
         # Inference-mode results must not leak into gradient passes: the mode is part of the key.
-        key = ("w", bits, weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
+        key = ("w", bits, *version, torch.is_inference_mode_enabled())
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)
         if frozen and key in self._cache:
             return self._cache[key]
-        scale, zero_point = self.qparams(weight, bits)
+        scale, zero_point = self.qparams(weight, bits, version)
         qmin, qmax = quant_range(bits, self.symmetric)
         quantized = fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if self.per_channel else None)
         if frozen:
@@ -80,11 +110,11 @@ class WeightQuantizer(_Quantizer):
             self._cache[key] = quantized
         return quantized
 
-    def forward(self, weight: Tensor) -> Tensor:
-        """Fake-quantized weight in ``quant`` mode, the weight itself otherwise."""
+    def forward(self, weight: Tensor, version: tuple[int, ...] | None = None) -> Tensor:
+        """Fake-quantized weight in ``quant`` mode, the weight itself otherwise (``version`` as in :meth:`qparams`)."""
         if self.mode != "quant" or self.bits is None:
             return weight
-        return self.quantize(weight, self.bits)
+        return self.quantize(weight, self.bits, version)
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{super().extra_repr()}, per_channel={self.per_channel}, method={self.method}"
@@ -160,23 +190,69 @@ class BiasCorrection(nn.Module):
 
 
 class QuantLayerMixin:
-    """What :class:`QuantConv2d` and :class:`QuantLinear` share: their quantizers and a float forward."""
+    """What every fake-quantized layer shares: its quantizers, the quantized forward, and the float round trip.
+
+    A layer computes ``float_forward(input_quantizer(x), weight_quantizer(effective_weight()))``; with both
+    quantizers off that is, operation for operation, the float layer's own forward.
+    """
+
+    float_class: ClassVar[type[nn.Module]]
+    """The float layer type this class is the fake-quantized twin of."""
 
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer
     bias_correction: BiasCorrection | None  # set per instance by from_float: a class default would shadow modules
 
-    def _share(self, float_layer: nn.Module, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer):
-        """Take over ``float_layer``'s parameters (shared, not copied) and attach the quantizers; returns self."""
-        self.weight = float_layer.weight
-        self.bias = float_layer.bias
-        self.weight_quantizer = weight_quantizer
-        self.input_quantizer = input_quantizer
-        self.bias_correction = None
-        return self
+    @classmethod
+    def from_float(
+        cls, float_layer: nn.Module, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer
+    ) -> QuantLayerMixin:
+        """Wrap ``float_layer`` in its twin of :func:`quant_class` (its parameters are shared, not copied).
+
+        Raises:
+            TypeError: If the twin of ``float_layer``'s class is not a ``cls`` (a Linear given to ``QuantConv2d``),
+                or the layer cannot be quantized (see :func:`unsupported_reason`).
+        """
+        target = quant_class(type(float_layer))
+        if not issubclass(target, cls):
+            raise TypeError(f"{cls.__name__}.from_float got a {type(float_layer).__name__}, whose twin is {target}")
+        layer = _rebuild(float_layer, target)
+        layer.weight_quantizer = weight_quantizer
+        layer.input_quantizer = input_quantizer
+        layer.bias_correction = None
+        return layer
+
+    def to_float(self) -> nn.Module:
+        """The float layer again: an instance of :attr:`float_class` sharing this layer's parameters, no quantizers."""
+        return _rebuild(self, self.float_class, drop=("weight_quantizer", "input_quantizer", "bias_correction"))
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # The twins of subclasses are created at run time, so pickle cannot find them by name: rebuild the class
+        # from the float class (which pickle can find) instead. copy.deepcopy goes through here too.
+        return _new_quant_layer, (self.float_class,), self.__getstate__()
+
+    def effective_weight(self) -> Tensor:
+        """The kernel the layer multiplies its input with: what the weight quantizer quantizes."""
+        return self.weight
+
+    def weight_version(self) -> tuple[int, ...]:
+        """Identifies the content of :meth:`effective_weight`: storage and version of each of the layer's parameters."""
+        return tuple(v for p in self._parameters.values() if p is not None for v in _tensor_version(p))
+
+    def quantize_weight(self, bits: int) -> Tensor:
+        """The effective weight fake-quantized at ``bits``, whatever the weight quantizer's mode."""
+        return self.weight_quantizer.quantize(self.effective_weight(), bits, self.weight_version())
+
+    def pad_input(self, x: Tensor) -> Tensor:
+        """``x`` with the padding the layer adds itself before its convolution (timm's SAME convolutions; none here).
+
+        A convolution's ``float_forward(x, w)`` is ``_conv_forward(pad_input(x), w, bias)``: code that recomputes a
+        layer's linear map with other weights or inputs (the sensitivity probes) pads once, then convolves.
+        """
+        return x
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
-        """The layer's float computation with an optional replacement weight."""
+        """The layer's float computation with ``weight`` as the effective weight (default: :meth:`effective_weight`)."""
         raise NotImplementedError
 
     def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:  # pragma: no cover - abstract
@@ -189,53 +265,39 @@ class QuantLayerMixin:
             features = self.weight[0].numel() * getattr(self, "groups", 1)
             self.bias_correction = BiasCorrection(features).to(self.weight.device)
 
-    def _output_shift(self, quantized_weight: Tensor, y: Tensor) -> Tensor:
-        key = (self.weight_quantizer.bits, self.weight.data_ptr(), self.weight._version)
-        shift = self.bias_correction.correction(self.weight, quantized_weight, key, getattr(self, "groups", 1))
+    def _output_shift(self, weight: Tensor, quantized_weight: Tensor, y: Tensor) -> Tensor:
+        key = (self.weight_quantizer.bits, *self.weight_version())
+        shift = self.bias_correction.correction(weight, quantized_weight, key, getattr(self, "groups", 1))
         shape = [1] * y.dim()
         shape[1 if isinstance(self, nn.Conv2d) else -1] = -1
         return y + shift.reshape(shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Quantize the input and the weight as the quantizers' modes say, then compute."""
+        """Quantize the input and the effective weight as the quantizers' modes say, then compute."""
         if self.bias_correction is not None and self.input_quantizer.mode == "observe":
             self.bias_correction.observe(*self.input_feature_sum(x.detach()))
-        weight = self.weight_quantizer(self.weight)
-        y = self.float_forward(self.input_quantizer(x), weight)
-        if self.bias_correction is not None and weight is not self.weight:
-            y = self._output_shift(weight, y)
+        weight = self.effective_weight()
+        quantized = self.weight_quantizer(weight, self.weight_version())
+        y = self.float_forward(self.input_quantizer(x), quantized)
+        if self.bias_correction is not None and quantized is not weight:
+            y = self._output_shift(weight, quantized, y)
         return y
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight and input; shares the original layer's parameters."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer):
-        """Wrap ``conv`` (its parameters are shared, not copied)."""
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-        )
-        return layer._share(conv, weight_quantizer, input_quantizer)
+    float_class = nn.Conv2d
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        """Convolution with ``weight`` (default: the layer's own)."""
-        return self._conv_forward(x, self.weight if weight is None else weight, self.bias)
+        """Convolution of the padded input with ``weight`` (default: the effective weight)."""
+        return self._conv_forward(self.pad_input(x), self.effective_weight() if weight is None else weight, self.bias)
 
     def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:
         """Column sums of im2col(x) (one row per output position); im2col is linear, so the batch is summed first."""
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise NotImplementedError("bias correction supports zero-padded convolutions with numeric padding")
-        summed = x.double().sum(dim=0, keepdim=True)
+        summed = self.pad_input(x).double().sum(dim=0, keepdim=True)
         cols = F.unfold(summed, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         return cols[0].sum(dim=1), x.shape[0] * cols.shape[-1]
 
@@ -243,15 +305,11 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 class QuantLinear(QuantLayerMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input; shares the original layer's parameters."""
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, weight_quantizer: WeightQuantizer, input_quantizer: ActivationQuantizer):
-        """Wrap ``linear`` (its parameters are shared, not copied)."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        return layer._share(linear, weight_quantizer, input_quantizer)
+    float_class = nn.Linear
 
     def float_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        """Affine map with ``weight`` (default: the layer's own)."""
-        return F.linear(x, self.weight if weight is None else weight, self.bias)
+        """Affine map with ``weight`` (default: the effective weight)."""
+        return F.linear(x, self.effective_weight() if weight is None else weight, self.bias)
 
     def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:
         """Column sums of ``x`` flattened to ``[tokens, in_features]``, and the token count."""
@@ -263,5 +321,176 @@ QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
 
 
 def is_quant_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is one of lit_mpq's fake-quantized layers."""
+    """Whether ``module`` is one of lit_mpq's fake-quantized layers (the twins of subclasses included)."""
     return isinstance(module, QUANT_LAYER_TYPES)
+
+
+# ------------------------------------------------------------------------------------- subclasses of the float layers
+# Each mixin reproduces one step of a float subclass's own forward; quant_class stacks them in front of
+# QuantConv2d. The tests check every known forward bit for bit against the float layer with the quantizers off.
+
+
+def _pad_same(x: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
+    """TensorFlow's "SAME" padding for the input's own size (timm.layers.padding.pad_same: extra pixel right/bottom)."""
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation, strict=True):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, (left, right, top, bottom), value=0)
+
+
+class _SamePadding:
+    """Pads the input to TensorFlow "SAME" for its own size before convolving (timm ``*Conv2dSame*``).
+
+    The input is quantized before it is padded, as an integer kernel would pad its integer input: zero is always a
+    quantization level (every range contains 0), so the order does not change a value.
+    """
+
+    def pad_input(self, x: Tensor) -> Tensor:
+        # Conv2dSame always pads itself; the *StdConv2dSame layers only when SAME padding could not be made static
+        # at construction (then `same_pad` is True and `padding` is 0).
+        if getattr(self, "same_pad", True):
+            x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return x
+
+
+class _StandardizedWeight:
+    """Weight standardization (timm ``StdConv2d``, ``StdConv2dSame``; Qiao et al., arXiv:1903.10520).
+
+    The kernel that multiplies the input is the standardized weight, and that is what an integer deployment stores
+    (the standardization is folded into the weight once, offline). So the standardized weight is what gets
+    quantized: quantizing the raw parameter and standardizing afterwards would put a tensor the hardware never sees
+    on the integer grid and leave the kernel it does use off the grid.
+    """
+
+    def _gain(self) -> Tensor | None:
+        return None
+
+    def effective_weight(self) -> Tensor:
+        # The same call as timm's forward, so that the float result is bit for bit the float layer's.
+        gain = self._gain()
+        return F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=gain,
+            training=True,
+            momentum=0.0,
+            eps=self.eps,
+        ).reshape_as(self.weight)
+
+
+class _ScaledStandardizedWeight(_StandardizedWeight):
+    """Scaled weight standardization with a learned gain (timm ``ScaledStdConv2d``; Brock et al., arXiv:2101.08692)."""
+
+    def _gain(self) -> Tensor | None:
+        return (self.gain * self.scale).view(-1)
+
+
+@functools.cache
+def known_forwards() -> dict[type[nn.Module], tuple[type, ...]]:
+    """``{class defining a forward: mixins that reproduce it}`` for every forward lit_mpq can quantize.
+
+    A layer is supported when the class whose ``forward`` it runs (the first in its MRO that defines one) is a key;
+    the mixins go in front of ``QuantConv2d``/``QuantLinear`` in its twin. timm's layers are listed when timm is
+    installed (lit_mpq.quant itself does not need it).
+    """
+    forwards: dict[type[nn.Module], tuple[type, ...]] = {nn.Conv2d: (), nn.Linear: ()}
+    try:
+        from timm.layers import Linear as TimmLinear
+        from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+        from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+    except ImportError:  # pragma: no cover - timm is a dependency of lit_mpq, but not of this package
+        return forwards
+    forwards.update(
+        {
+            TimmLinear: (),  # F.linear(x, weight, bias); a dtype cast under TorchScript only
+            Conv2dSame: (_SamePadding,),
+            Conv2dSameExport: (_SamePadding,),  # pads with an nn.ZeroPad2d made on the first call: the same zeros
+            StdConv2d: (_StandardizedWeight,),
+            StdConv2dSame: (_SamePadding, _StandardizedWeight),
+            ScaledStdConv2d: (_ScaledStandardizedWeight,),
+            ScaledStdConv2dSame: (_SamePadding, _ScaledStandardizedWeight),
+        }
+    )
+    return forwards
+
+
+def _forward_owner(cls: type[nn.Module]) -> type:
+    """The class whose ``forward`` instances of ``cls`` run."""
+    return next(klass for klass in cls.__mro__ if "forward" in vars(klass))
+
+
+def unsupported_reason(module: nn.Module | type[nn.Module]) -> str | None:
+    """Why ``module`` (a layer or a layer class) cannot be swapped for a fake-quantized twin; ``None`` when it can."""
+    cls = module if isinstance(module, type) else type(module)
+    if issubclass(cls, QUANT_LAYER_TYPES):
+        return "already quantized"
+    if not issubclass(cls, nn.Conv2d | nn.Linear):
+        return f"{cls.__name__} is not supported: lit_mpq quantizes Conv2d and Linear layers (and known subclasses)"
+    if issubclass(cls, nn.modules.lazy.LazyModuleMixin):  # its shapes are set by a hook the twin would not have
+        return f"{cls.__name__} is not initialized yet: run one forward pass before quantizing"
+    owner = _forward_owner(cls)
+    if owner not in known_forwards():
+        return (
+            f"{cls.__name__} runs its own forward ({owner.__module__}.{owner.__qualname__}.forward), which lit_mpq "
+            f"does not know how to reproduce with quantized weights and inputs"
+        )
+    return None
+
+
+_TWINS: dict[type[nn.Module], type[QuantLayerMixin]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def quant_class(float_cls: type[nn.Module]) -> type[QuantLayerMixin]:
+    """The fake-quantized twin of ``float_cls``: ``QuantConv2d``, ``QuantLinear``, or a subclass made once per class.
+
+    The twin of a subclass derives from the mixins of :func:`known_forwards`, then ``QuantConv2d``/``QuantLinear``,
+    then ``float_cls`` itself, so its instances are still ``float_cls`` instances with all their attributes.
+
+    Raises:
+        TypeError: If ``float_cls`` cannot be quantized (see :func:`unsupported_reason`).
+    """
+    if float_cls not in _TWINS:
+        reason = unsupported_reason(float_cls)
+        if reason is not None:
+            raise TypeError(f"cannot quantize {float_cls.__module__}.{float_cls.__qualname__}: {reason}")
+        base = QuantConv2d if issubclass(float_cls, nn.Conv2d) else QuantLinear
+        mixins = known_forwards()[_forward_owner(float_cls)]
+        _TWINS[float_cls] = type(
+            f"Quant{float_cls.__name__}",
+            (*mixins, base, float_cls),
+            {
+                "__module__": __name__,
+                "__doc__": f"Fake-quantized ``{float_cls.__module__}.{float_cls.__qualname__}``; made by quant_class.",
+                "float_class": float_cls,
+            },
+        )
+    return _TWINS[float_cls]
+
+
+def _new_quant_layer(float_cls: type[nn.Module]) -> QuantLayerMixin:
+    """An empty instance of ``float_cls``'s twin, for unpickling (its state is set afterwards)."""
+    cls = quant_class(float_cls)
+    return cls.__new__(cls)
+
+
+def _rebuild(source: nn.Module, cls: type[nn.Module], drop: Collection[str] = ()) -> Any:
+    """A new ``cls`` instance with ``source``'s attributes, parameters, buffers and children (shared, not copied).
+
+    Like ``copy.copy`` into another class: ``cls.__init__`` is not run (a subclass's signature is unknown), and
+    neither are ``source``'s hooks carried over (the layer is a new module). Entries named in ``drop`` are left out.
+    """
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    for key, value in vars(source).items():
+        if key in drop:
+            continue
+        if key in ("_parameters", "_buffers", "_modules"):
+            layer.__dict__[key] = type(value)((k, v) for k, v in value.items() if k not in drop)
+        elif key == "_non_persistent_buffers_set":
+            layer.__dict__[key] = set(value) - set(drop)
+        elif key == "training" or key not in layer.__dict__:  # Module's own hook dictionaries stay fresh
+            layer.__dict__[key] = value
+    return layer

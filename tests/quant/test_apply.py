@@ -13,10 +13,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lit_mpq.plan import QuantPlan
 from lit_mpq.quant.apply import (
+    NOT_CALLED,
     QuantSettings,
     apply_plan,
     current_modes,
     measure_layers,
+    measure_model,
     quant_layer_names,
     quant_layers,
     quantize_model,
@@ -132,12 +134,23 @@ def test_filter_fn_selects_layers_by_name():
     assert type(model.stem) is nn.Conv2d and type(model.head) is nn.Linear
 
 
-def test_default_filter_skips_linear_subclasses():
-    attn = nn.MultiheadAttention(8, 2)  # out_proj is a Linear subclass called through F.multi_head_attention_forward
-    model = nn.Sequential(OrderedDict(proj=nn.Linear(8, 8)))
-    model.add_module("attn", attn)
-    assert quantize_model(model, QuantSettings()) == ["proj"]
-    assert not isinstance(attn.out_proj, QuantLinear)
+def test_default_filter_takes_subclasses_and_skips_unknown_forwards():
+    class OwnForward(nn.Conv2d):  # a computation lit_mpq cannot know: must not be swapped for a plain conv
+        def forward(self, x):
+            return super().forward(x).abs()
+
+    subclass = nn.modules.linear.NonDynamicallyQuantizableLinear
+    model = nn.Sequential(OrderedDict(proj=nn.Linear(8, 8), sub=subclass(8, 8), own=OwnForward(1, 1, 1)))
+    assert quantize_model(model, QuantSettings()) == ["proj", "sub"]
+    assert isinstance(model.sub, QuantLinear) and isinstance(model.sub, subclass)
+    assert type(model.own) is OwnForward
+
+
+def test_filter_fn_selecting_an_unquantizable_layer_is_refused_with_the_reason():
+    model = nn.Sequential(OrderedDict(seq=nn.Conv1d(3, 3, 1), fc=nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match=r"seq: Conv1d is not supported"):
+        quantize_model(model, QuantSettings(), lambda m, fqn: True)
+    assert type(model.fc) is nn.Linear  # nothing swapped by the refused call
 
 
 @pytest.mark.parametrize(
@@ -358,6 +371,111 @@ def test_measure_layers_rejects_unused_layers():
     quantize_model(model, QuantSettings())
     with pytest.raises(RuntimeError, match="spare"):
         measure_layers(model, torch.randn(1, 3))
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, 3)
+        self.spare = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_measure_model_restores_uncalled_layers_to_float_and_lists_them():
+    model = Unused()
+    spare = model.spare
+    reference = copy.deepcopy(model)
+    quantize_model(model, QuantSettings())
+    plan = measure_model(model, torch.randn(1, 3))
+    assert plan.names == ["used"] == quant_layer_names(model)
+    assert plan.float_layers == {"spare": NOT_CALLED}
+    assert type(model.spare) is nn.Linear and model.spare.weight is spare.weight
+    assert set(model.spare.state_dict()) == {"weight", "bias"}
+    x = torch.randn(4, 3)
+    assert torch.equal(model(x), reference(x))
+    # Idempotent: quantizing again swaps the spare layer in, measuring again swaps it back out.
+    quantize_model(model, QuantSettings())
+    again = measure_model(model, torch.randn(1, 3))
+    assert again.to_dict() == plan.to_dict()
+
+
+def test_measure_model_specs_are_those_of_measure_layers():
+    model = make_model()
+    quantize_model(model, QuantSettings())
+    x = torch.randn(2, 3, 8, 8)
+    plan = measure_model(model, x)
+    assert list(plan.specs.values()) == measure_layers(model, x)
+    assert plan.entry_layers == ["stem"] and plan.exit_layers == ["head"] and plan.float_layers == {}
+
+
+class TwoStems(nn.Module):
+    """Two layers read the input, registered after the head; a third reads it again at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.left = nn.Conv2d(3, 2, 1)
+        self.right = nn.Conv2d(3, 2, 1)
+        self.late = nn.Conv2d(3, 4, 1)
+        self.mid = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.mid(torch.cat([self.left(x), self.right(x)], 1))
+        return self.head((y + self.late(x)).mean((2, 3)))
+
+
+def test_entry_layers_are_the_layers_fed_the_input_in_execution_order():
+    model = TwoStems()
+    quantize_model(model, QuantSettings())
+    plan = measure_model(model, torch.randn(1, 3, 4, 4))
+    assert plan.names == ["head", "left", "right", "late", "mid"]  # model order
+    assert plan.entry_layers == ["left", "right", "late"]
+    assert plan.exit_layers == ["head"]
+
+
+def test_entry_layer_behind_input_preprocessing_is_the_first_to_run():
+    model = nn.Sequential(OrderedDict(scale=nn.Identity(), norm=nn.BatchNorm2d(3), stem=nn.Conv2d(3, 4, 1)))
+    quantize_model(model, QuantSettings())
+    assert measure_model(model, torch.randn(1, 3, 4, 4)).entry_layers == ["stem"]
+
+
+class TimmLike(nn.Module):
+    """A timm-style model with a ``pretrained_cfg`` naming its classifier(s)."""
+
+    def __init__(self, classifier) -> None:
+        super().__init__()
+        self.pretrained_cfg = {"classifier": classifier}
+        self.stem = nn.Linear(4, 4)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+        self.aux = nn.Linear(4, 3)
+        self.tail = nn.Linear(3, 3)  # runs last, but is not a classifier
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.tail(self.head(x) + self.aux(x))
+
+
+@pytest.mark.parametrize(
+    ("classifier", "expected"),
+    [
+        ("aux", ["aux"]),
+        (("aux", "head.2"), ["head.2", "aux"]),  # execution order, not the config's
+        ("head", ["head.2"]),  # a module holding several layers: the last of them to run
+        ("missing", ["tail"]),  # nothing quantized there: the last layer to run
+    ],
+)
+def test_exit_layers_follow_the_timm_classifier_config(classifier, expected):
+    model = TimmLike(classifier)
+    quantize_model(model, QuantSettings())
+    assert measure_model(model, torch.randn(1, 4)).exit_layers == expected
+
+
+def test_exit_layers_of_a_wrapped_timm_model_carry_the_prefix():
+    wrapper = nn.Sequential(OrderedDict(net=TimmLike(("aux",)), out=nn.Identity()))
+    quantize_model(wrapper, QuantSettings())
+    assert measure_model(wrapper, torch.randn(1, 4)).exit_layers == ["net.aux"]
 
 
 def test_measure_layers_on_a_timm_vit_counts_every_token():

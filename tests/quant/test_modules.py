@@ -1,5 +1,7 @@
 """QuantConv2d / QuantLinear against float layers and a manual torch.ao + torch.fake_quantize_* computation."""
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -14,6 +16,8 @@ from lit_mpq.quant.modules import (
     QuantLinear,
     WeightQuantizer,
     is_quant_layer,
+    quant_class,
+    unsupported_reason,
 )
 from lit_mpq.quant.observers import MinMaxObserver
 
@@ -256,3 +260,103 @@ def test_extra_repr_shows_settings():
     q = wrap(nn.Linear(3, 3))
     text = repr(q)
     assert "bits=8" in text and "mode=off" in text and "per_channel=True" in text and "MinMaxObserver" in text
+
+
+# ------------------------------------------------------------------------------------ twins and the float round trip
+def test_quant_class_of_the_float_layers_and_of_subclasses():
+    assert quant_class(nn.Conv2d) is QuantConv2d and quant_class(nn.Linear) is QuantLinear
+    subclass = nn.modules.linear.NonDynamicallyQuantizableLinear
+    twin = quant_class(subclass)
+    assert twin is quant_class(subclass)  # made once
+    assert issubclass(twin, QuantLinear) and issubclass(twin, subclass) and twin.float_class is subclass
+    assert twin.__name__ == "QuantNonDynamicallyQuantizableLinear"
+
+
+class OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(
+    ("cls", "words"),
+    [
+        (nn.Conv1d, ["Conv1d is not supported"]),
+        (nn.ConvTranspose2d, ["ConvTranspose2d is not supported"]),
+        (OwnForward, ["OwnForward", "own forward", "test_modules.OwnForward.forward"]),
+        (QuantConv2d, ["already quantized"]),
+        (nn.LazyConv2d, ["LazyConv2d is not initialized", "forward"]),
+    ],
+)
+def test_layers_that_cannot_be_quantized_say_why(cls, words):
+    reason = unsupported_reason(cls)
+    assert all(word in reason for word in words), reason
+    with pytest.raises(TypeError, match="cannot quantize") as err:
+        quant_class(cls)
+    assert reason in str(err.value)
+
+
+def test_from_float_refuses_a_layer_of_the_other_kind():
+    with pytest.raises(TypeError, match="Linear"):
+        QuantConv2d.from_float(nn.Linear(2, 2), WeightQuantizer(), ActivationQuantizer(MinMaxObserver()))
+
+
+def test_to_float_gives_back_the_float_layer_sharing_its_parameters():
+    torch.manual_seed(9)
+    conv = nn.Conv2d(**CONVS["strided_grouped"])
+    q = wrap(conv)
+    q.enable_bias_correction()
+    back = q.to_float()
+    assert type(back) is nn.Conv2d and back.weight is conv.weight and back.bias is conv.bias
+    assert set(back.state_dict()) == set(conv.state_dict()) and not list(back.children())
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.equal(back(x), conv(x))
+
+
+def test_quantized_layer_pickles_with_its_statistics():
+    torch.manual_seed(10)
+    q = wrap(nn.Linear(6, 4))
+    q.input_quantizer.set_mode("observe")
+    q(torch.randn(8, 6))
+    q.input_quantizer.set_mode("quant")
+    q.weight_quantizer.set_mode("quant")
+    copied = pickle.loads(pickle.dumps(q))
+    assert type(copied) is QuantLinear
+    x = torch.randn(3, 6)
+    assert torch.equal(copied(x), q(x))
+
+
+def test_weight_quantizer_cache_is_keyed_by_the_given_version():
+    """A weight computed afresh per forward is identified by the version its layer passes, not by its storage."""
+    quantizer = WeightQuantizer()
+    first = torch.randn(4, 3)
+    cached = quantizer.quantize(first, 4, version=(1,))
+    assert quantizer.quantize(first.clone(), 4, version=(1,)) is cached  # same content, as the layer vouches
+    other = torch.randn(4, 3)
+    assert torch.equal(quantizer.quantize(other, 4, version=(2,)), ao_weight_fq(other, 4))
+
+
+@pytest.mark.parametrize("name", ["plain", "strided_grouped"])
+def test_bias_correction_adds_back_the_mean_output_shift(name):
+    """Nagel et al.: y_q + (W - W_q) E[x_patch]; E over every input patch (padding included) of the calibration."""
+    torch.manual_seed(11)
+    conv = nn.Conv2d(**CONVS[name])
+    q = wrap(conv)
+    q.enable_bias_correction()
+    calib = [torch.randn(3, 4, 8, 8) + 0.3 for _ in range(2)]
+    q.input_quantizer.set_mode("observe")
+    for x in calib:
+        q(x)
+    q.input_quantizer.set_mode("off")
+    q.weight_quantizer.set_mode("quant")
+    q.weight_quantizer.bits = 3
+    # Every input patch of every calibration image, as rows: [images * positions, in_channels * kh * kw].
+    patches = torch.cat([F.unfold(x, 3, padding=conv.padding, stride=conv.stride).transpose(1, 2) for x in calib])
+    mean = patches.reshape(-1, patches.shape[-1]).double().mean(0)
+    wq = ao_weight_fq(conv.weight, 3)
+    delta = (conv.weight - wq).detach().double()
+    g = conv.groups
+    per_group = mean.reshape(g, -1)
+    shift = torch.cat([delta[i * (6 // g) : (i + 1) * (6 // g)].reshape(6 // g, -1) @ per_group[i] for i in range(g)])
+    x = torch.randn(2, 4, 8, 8)
+    expected = conv._conv_forward(x, wq, conv.bias) + shift.float().reshape(1, -1, 1, 1)
+    assert torch.allclose(q(x), expected, atol=1e-5)

@@ -101,7 +101,7 @@ def calibration_batches(trainer: pl.Trainer, desc: str, limit: int | None = None
         total=len(loader.dataset),
         desc=desc,
         unit="img",
-        disable=not trainer.is_global_zero,
+        disable=not show_progress(trainer),
         leave=False,
         dynamic_ncols=True,
     ) as bar:
@@ -109,6 +109,11 @@ def calibration_batches(trainer: pl.Trainer, desc: str, limit: int | None = None
             x = batch[0] if isinstance(batch, list | tuple) else batch
             bar.update(int(x.shape[0]))
             yield trainer.strategy.batch_to_device(x)
+
+
+def show_progress(trainer: pl.Trainer) -> bool:
+    """Whether lit_mpq's own progress bars show: on rank 0, when ``trainer.enable_progress_bar`` left a bar on."""
+    return bool(trainer.is_global_zero and trainer.progress_bar_callback is not None)
 
 
 def gather_rows(trainer: pl.Trainer, rows: Tensor) -> Tensor:

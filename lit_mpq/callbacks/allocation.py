@@ -1,49 +1,58 @@
 """The ``BitAllocator`` callback.
 
-Decides every layer's weight and activation bit widths with a policy, applies them to the quantizers, and
-writes the plan to ``plan.yaml`` straight away. Pinned layers (the first and last layers when
-``first_last_bits`` is set, and every layer named in ``overrides``) keep their configured bits.
+Decides every layer's weight and activation bit widths with a policy, applies them to the quantizers, and writes the
+plan to ``plan.yaml`` straight away. Pinned layers (the entry and exit layers when ``first_last_bits`` is set, and
+every layer named in ``overrides``) keep their configured bits (:func:`lit_mpq.allocation.pin_layers`). The policy
+prices options with the run's energy model, the one of the ``EnergyMeter`` callback (:func:`energy_model_of`).
+
+The configuration is checked against the model as soon as the model's layers are known (in ``setup``, after
+``Calibration.setup`` built the plan): override patterns that match nothing and a ``FromFile`` plan of another model
+stop the run before calibration and probing.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_mpq.allocation import Policy, Uniform
+from lit_mpq.allocation import BitOverride, Policy, Uniform, match_overrides, pin_layers
+from lit_mpq.bits import validate_bits
 from lit_mpq.callbacks._common import QUANT_STAGES, require_before, require_plan, run_dir, timer
+from lit_mpq.callbacks.calibration import Calibration
+from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
-from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.energy import EnergyModel, HorowitzEnergyModel
 from lit_mpq.quant.apply import apply_plan
+from lit_mpq.report.record import AllocationRecord
+
+__all__ = ["BitAllocator", "BitOverride", "energy_model_of"]
 
 
-@dataclass
-class BitOverride:
-    """Bits for the layers an override pattern selects.
+def energy_model_of(trainer: pl.Trainer) -> EnergyModel:
+    """The run's energy model: that of the first ``EnergyMeter`` in ``trainer.callbacks``, else the default.
 
-    Attributes:
-        w_bits: Weight bits (null: FP32).
-        a_bits: Input-activation bits (null: FP32).
+    The allocation and the reported energy then price a plan with the same model.
+
+    Args:
+        trainer: The trainer (anything with a ``callbacks`` list).
+
+    Returns:
+        ``EnergyMeter.energy_model``, or a :class:`~lit_mpq.energy.HorowitzEnergyModel` when no meter is listed.
     """
-
-    w_bits: int | None = 8
-    a_bits: int | None = 8
-
-    def __post_init__(self) -> None:
-        validate_bits(self.w_bits, "override w_bits")
-        validate_bits(self.a_bits, "override a_bits")
+    return next((cb.energy_model for cb in trainer.callbacks if isinstance(cb, EnergyMeter)), HorowitzEnergyModel())
 
 
 class BitAllocator(Callback):
     """Allocate per-layer bit widths with ``policy`` and apply them.
 
+    Every validation run (each ``trainer.validate`` call) allocates once, with the policy set at that time: a sweep
+    sets ``allocator.policy`` between calls.
+
     Args:
         policy: A :class:`~lit_mpq.allocation.Policy` (``Uniform``, ``SensitivityPercentile``, ``FromFile``, ...).
-        first_last_bits: Pin the first and last quantized layers to this many bits (weights and activations);
-            null leaves them to the policy.
+        first_last_bits: Pin the entry layers (those that see the input) and the exit layers (the classifier heads)
+            to this many bits, weights and activations; null leaves them to the policy.
         overrides: ``{layer name or "re:<regex>": {w_bits, a_bits}}`` pinned per layer; later entries win.
 
     Raises:
@@ -66,31 +75,19 @@ class BitAllocator(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage in QUANT_STAGES and self.policy.requires_sensitivity:
+        if stage not in QUANT_STAGES:
+            return
+        require_before(trainer, self, Calibration, "needs the plan of measured layers")
+        if self.policy.requires_sensitivity:
             require_before(
                 trainer, self, SensitivityProbe, f"with policy {type(self.policy).__name__} needs sensitivities"
             )
-
-    def pin(self, plan: QuantPlan) -> None:
-        """Mark and set the pinned layers of ``plan``.
-
-        Raises:
-            ValueError: If an override pattern matches no layer (a typo would otherwise pass silently).
-        """
-        names = plan.names
-        if self.first_last_bits is not None and names:
-            for name in (names[0], names[-1]):
-                plan[name].w_bits = plan[name].a_bits = self.first_last_bits
-                plan[name].pinned = True
-        for pattern, bits in self.overrides.items():
-            matched = plan.match(pattern)
-            if not matched:
-                raise ValueError(
-                    f"override {pattern!r} matches no quantized layer; layer names look like {names[:3]} "
-                    "(use an exact name or 're:<regex>')"
-                )
-            for name in matched:
-                plan[name].w_bits, plan[name].a_bits, plan[name].pinned = bits.w_bits, bits.a_bits, True
+        # Calibration.setup (earlier in the list) has built the plan: check the configuration against the model
+        # now, so that a typo fails in seconds rather than after calibration and probing.
+        plan = require_plan(pl_module, "BitAllocator")
+        match_overrides(plan, self.overrides)
+        self.policy.check_plan(plan)
+        self._done = False  # each validation run allocates with the policy set now
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -98,8 +95,8 @@ class BitAllocator(Callback):
             return
         plan = require_plan(pl_module, "BitAllocator")
         start = timer()
-        self.pin(plan)
-        decision = self.policy.allocate(plan, getattr(pl_module, "energy_model", None))
+        pinned = pin_layers(plan, self.first_last_bits, self.overrides)
+        decision = self.policy.allocate(plan, energy_model_of(trainer))
         if not self.policy.overrides_pins:
             decision = {name: bits for name, bits in decision.items() if not plan[name].pinned}
         # Decide on rank 0 and broadcast, so every rank applies the same allocation.
@@ -108,7 +105,7 @@ class BitAllocator(Callback):
         apply_plan(pl_module.model, plan)
         self._done = True
         seconds = timer() - start
-        pl_module.results["allocation"] = {"policy": self.policy.describe(), "seconds": seconds}
+        pl_module.record.allocation = AllocationRecord(policy=self.policy.describe(), seconds=seconds, pinned=pinned)
         out = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
             plan.to_yaml(out / "plan.yaml")

@@ -11,6 +11,8 @@ off until an allocation is applied.
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -25,9 +27,17 @@ from lit_mpq.callbacks._common import (
     strategy_reduce,
     timer,
 )
-from lit_mpq.plan import QuantPlan
-from lit_mpq.quant.apply import QuantSettings, invalidate_qparams, measure_layers, quantize_model, set_mode
+from lit_mpq.quant.apply import (
+    QuantSettings,
+    invalidate_qparams,
+    measure_model,
+    quantize_model,
+    set_mode,
+)
+from lit_mpq.quant.checks import check_calibrated
 from lit_mpq.quant.observers import sync_observers
+from lit_mpq.report.record import CalibrationRecord
+from lit_mpq.sensitivity.cache import image_digest, stack_digests, unstack_digests
 
 
 class Calibration(Callback):
@@ -70,6 +80,8 @@ class Calibration(Callback):
             bias_correction=bias_correction,
         )
         self._calibrated = False
+        self.image_digests: list[bytes] = []
+        """SHA-256 of every calibration image, in order (what the probe cache keys on)."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -78,7 +90,7 @@ class Calibration(Callback):
         quantize_model(pl_module.model, self.settings)
         size = getattr(trainer.datamodule, "input_size", None) or pl_module.input_size
         device = next(pl_module.parameters()).device
-        pl_module.plan = QuantPlan(measure_layers(pl_module.model, torch.zeros(1, *size, device=device)))
+        pl_module.plan = measure_model(pl_module.model, torch.zeros(1, *size, device=device))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -88,24 +100,26 @@ class Calibration(Callback):
         start = timer()
         set_mode(pl_module.model, weights="off", activations="observe")
         seen = 0
+        digests: list[bytes] = []
         try:
             with measure_phase(pl_module, "calibration"):
                 for x in calibration_batches(trainer, "calibration", self.num_samples):
                     pl_module(x)
                     seen += int(x.shape[0])
+                    digests.extend(image_digest(image) for image in x)
         finally:
             set_mode(pl_module.model, weights="off", activations="off")
         sync_observers(pl_module.model, strategy_reduce(trainer))
         invalidate_qparams(pl_module.model)
+        check_calibrated(pl_module.model)
         per_rank = [int(n) for n in gather_rows(trainer, torch.tensor([[seen]], dtype=torch.int64))[:, 0]]
+        # Per-image digests in calibration order (shards are contiguous blocks of batches): the probe cache key.
+        self.image_digests = unstack_digests(gather_rows(trainer, stack_digests(digests)))
         total = sum(per_rank)
         self._calibrated = True
-        pl_module.results["calibration"] = {
-            "images": total,
-            "images_per_rank": per_rank,
-            "seconds": timer() - start,
-            **vars(self.settings),
-        }
+        pl_module.record.calibration = CalibrationRecord(
+            images=total, images_per_rank=per_rank, seconds=timer() - start, settings=dataclasses.asdict(self.settings)
+        )
         pl_module.log("calib/num_images", float(total))
         pl_module.log("calib/max_images_per_rank", float(max(per_rank)))
-        pl_module.log("time/calibration_s", pl_module.results["calibration"]["seconds"])
+        pl_module.log("time/calibration_s", pl_module.record.calibration.seconds)

@@ -61,8 +61,6 @@ class EnergyMeter(Callback):
         if stage not in QUANT_STAGES:
             return
         require_before(trainer, self, Calibration, "needs the measured layers of the plan")
-        # Budget-aware allocation policies read the run's energy model from the module.
-        pl_module.energy_model = self.energy_model
         if getattr(pl_module, "phase_meter", None) is None:
             device = trainer.strategy.root_device
             index = (device.index or 0) if device.type == "cuda" else 0
@@ -140,7 +138,7 @@ class EnergyMeter(Callback):
             self._tracker = None
         report["measured"] = measured
         report["evaluated_images"] = images
-        pl_module.results["energy"] = report
+        pl_module.record.energy = report
         pl_module.log("energy/analytic_uj_per_image", report["total_uj_per_image"])
         pl_module.log("energy/relative_to_int8", report["relative_to_int8"])
         pl_module.log("energy/relative_to_fp32", report["relative_to_fp32"])
@@ -150,3 +148,4 @@ class EnergyMeter(Callback):
         pl_module.log("time/eval_images_per_s", throughput)
         if measured["status"] == "ok":  # the same on every rank (reduced above), so the keys match
             pl_module.log("energy/measured_eval_j_per_image", measured["eval_j_per_image"])
+

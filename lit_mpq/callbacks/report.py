@@ -8,7 +8,7 @@ Files are written on rank 0 only.
 
 from __future__ import annotations
 
-import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import QUANT_STAGES, require_before, require_plan, run_dir
+from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.callbacks.calibration import Calibration
-from lit_mpq.energy import HorowitzEnergyModel
 from lit_mpq.quant.apply import quant_layers
 from lit_mpq.report import (
     bit_distribution_pie,
     bit_width_figure,
-    build_card,
     energy_breakdown_figure,
     save_figure,
     sensitivity_heatmap_figure,
@@ -34,6 +33,7 @@ from lit_mpq.report import (
     write_card,
     write_results_json,
 )
+from lit_mpq.report.results import run_card, run_results, run_summary
 
 HPARAM_METRICS = {
     "val/top1": "hp/top1",
@@ -46,22 +46,32 @@ HPARAM_METRICS = {
 
 
 class Report(Callback):
-    """Write the plan, the results and the figures of a quantized validation run.
+    """Write the plan, the results and the figures of a quantized validation run, and print a short summary.
 
     Args:
         output_dir: Where files go; default: the logger's version directory (e.g. ``logs/default/version_0``).
         save_figures: Also render PNG figures and TensorBoard figures.
+        print_summary: Print a few lines at the end: accuracy next to FP32, energy, bits, size, policy, run folder.
+
+    The output folder is checked at setup, before any work: it must be writable, and it must not already hold
+    another run's ``results.json`` (two runs given the same logger name and version would mix their files).
     """
 
-    def __init__(self, output_dir: str | None = None, save_figures: bool = True) -> None:
+    def __init__(self, output_dir: str | None = None, save_figures: bool = True, print_summary: bool = True) -> None:
         self.output_dir = output_dir
         self.save_figures = save_figures
+        self.print_summary = print_summary
         self.last_output_dir: Path | None = None
+        self._written: set[Path] = set()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage in QUANT_STAGES:
-            require_before(trainer, self, Calibration, "needs the plan")
+        if stage not in QUANT_STAGES:
+            return
+        require_before(trainer, self, Calibration, "needs the plan")
+        out = self._dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            check_output_dir(out, written_by_this_run=self._written)
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.output_dir) if self.output_dir else run_dir(trainer)
@@ -87,9 +97,19 @@ class Report(Callback):
         out.mkdir(parents=True, exist_ok=True)
         plan.to_yaml(out / "plan.yaml")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, torch.Tensor | float)}
-        results = self._results(pl_module, metrics)
+        results = run_results(plan, pl_module.record, metrics, pl_module.hparams.get("backbone"))
         write_results_json(out / "results.json", results)
-        write_card(out / "card.yaml", self._card(trainer, pl_module))
+        self._written.add(out.resolve())
+        datamodule = trainer.datamodule
+        hparams = dict(getattr(datamodule, "hparams", {}))
+        card = run_card(
+            plan,
+            pl_module.record,
+            energy_model_of(trainer),
+            hparams,
+            dataset=str(hparams.get("dataset", type(datamodule).__name__)),
+        )
+        write_card(out / "card.yaml", card)
         write_results_json(out / "activation_qparams.json", self._activation_qparams(pl_module))
         tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         for logger in tensorboards:
@@ -97,28 +117,8 @@ class Report(Callback):
         if self.save_figures:
             self._figures(plan, pl_module, out, tensorboards)
         self.last_output_dir = out
-
-    @staticmethod
-    def _results(pl_module: pl.LightningModule, metrics: dict[str, float]) -> dict[str, Any]:
-        plan = pl_module.plan
-        results: dict[str, Any] = {
-            "top1": metrics.get("val/top1"),
-            "top5": metrics.get("val/top5"),
-            "top1_fp32": metrics.get("val/top1_fp32"),
-            "top5_fp32": metrics.get("val/top5_fp32"),
-            "avg_weight_bits": plan.average_weight_bits(),
-            "avg_act_bits": plan.average_act_bits(),
-            "weights_mb": plan.weight_size_mb(),
-            "bit_ops_per_image": plan.bit_ops(),
-            "num_quantized_layers": len(plan),
-            "backbone": pl_module.hparams.get("backbone"),
-            "metrics": metrics,
-        }
-        for key, value in pl_module.results.items():
-            results[key] = {k: v for k, v in value.items() if k != "per_layer"} if key == "energy" else value
-        if "energy" in pl_module.results:
-            results["energy"]["per_layer"] = pl_module.results["energy"]["per_layer"]
-        return results
+        if self.print_summary:
+            print(run_summary(results, out), flush=True)
 
     @staticmethod
     def _activation_qparams(pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -139,41 +139,10 @@ class Report(Callback):
         return table
 
     @staticmethod
-    def _card(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        calibration = pl_module.results.get("calibration", {})
-        sensitivity = pl_module.results.get("sensitivity", {})
-        datamodule = trainer.datamodule
-        hparams = dict(getattr(datamodule, "hparams", {}))
-        subset = hparams.get("calibration_subset", "random")
-        images = int(calibration.get("images", 0))
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        return build_card(
-            plan=pl_module.plan,
-            energy_model=getattr(pl_module, "energy_model", None) or HorowitzEnergyModel(),
-            weight_granularity=calibration.get("weight_granularity", "per_channel"),
-            weight_symmetric=bool(calibration.get("weight_symmetric", True)),
-            weight_observer=calibration.get("weight_observer", "minmax"),
-            act_observer=calibration.get("act_observer", "minmax"),
-            act_symmetric=bool(calibration.get("act_symmetric", False)),
-            percentile=calibration.get("percentile"),
-            bias_correction=bool(calibration.get("bias_correction", False)),
-            bn_folded=False,
-            calibration_images=images,
-            calibration_seed=hparams.get("calibration_seed"),
-            calibration_subset=f"{subset} {images} images of the calibration pool",
-            dataset=str(hparams.get("dataset", type(datamodule).__name__)),
-            sensitivity_metric=sensitivity.get("metric"),
-            policy=str(pl_module.results.get("allocation", {}).get("policy", "none")),
-            bits_candidates=sensitivity.get(
-                "candidate_bits", sorted({b for b in pl_module.plan.bits().values() for b in b if b is not None})
-            ),
-            seed_everything=int(seed) if seed is not None else None,
-        )
-
-    @staticmethod
     def _log_tensorboard(logger: TensorBoardLogger, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
         writer = logger.experiment
         plan = pl_module.plan
+        record = pl_module.record
         for kind in ("w", "a"):
             scores = [s for _, lp in plan.items() for b, s in lp.sensitivity.get(kind, {}).items()]
             if scores:
@@ -183,27 +152,59 @@ class Report(Callback):
         hp_metrics = {hp: metrics[key] for key, hp in HPARAM_METRICS.items() if key in metrics}
         params = {
             "backbone": str(pl_module.hparams.get("backbone")),
-            "policy": str(pl_module.results.get("allocation", {}).get("policy", "none")),
-            "act_observer": str(pl_module.results.get("calibration", {}).get("act_observer", "none")),
-            "calibration_images": int(pl_module.results.get("calibration", {}).get("images", 0)),
+            "policy": record.allocation.policy if record.allocation is not None else "none",
+            "act_observer": str(record.calibration.settings.get("act_observer")) if record.calibration else "none",
+            "calibration_images": record.calibration.images if record.calibration is not None else 0,
         }
         logger.log_hyperparams(params, metrics=hp_metrics)
         writer.flush()
 
     @staticmethod
     def _figures(plan, pl_module: pl.LightningModule, out: Path, tensorboards: list[TensorBoardLogger]) -> None:
+        energy = pl_module.record.energy
         figures = {
             "bits_per_layer": bit_width_figure(plan),
             "bit_distribution": bit_distribution_pie(plan),
             "sensitivity_histogram": sensitivity_histogram_figure(plan),
             "sensitivity_heatmap": sensitivity_heatmap_figure(plan),
         }
-        if "energy" in pl_module.results:
-            figures["energy_breakdown"] = energy_breakdown_figure(pl_module.results["energy"])
-        figures["summary"] = summary_figure(plan, pl_module.results.get("energy"), None)
+        if energy is not None:
+            figures["energy_breakdown"] = energy_breakdown_figure(energy)
+        figures["summary"] = summary_figure(plan, energy, None)
         for name, fig in figures.items():
             for logger in tensorboards:
                 logger.experiment.add_figure(f"figures/{name}", fig, 0, close=False)
             save_figure(fig, out / f"{name}.png")
         for logger in tensorboards:
             logger.experiment.flush()
+
+
+def check_output_dir(out: Path, written_by_this_run: set[Path] | None = None) -> None:
+    """Fail before any work if ``out`` cannot be written or already holds another run's results.
+
+    Args:
+        out: The run's output folder.
+        written_by_this_run: Folders this process already wrote (a sweep re-validates into the same run).
+
+    Raises:
+        RunDirectoryError: If the folder is not writable or holds another run's ``results.json``.
+    """
+    results = out / "results.json"
+    if results.exists() and out.resolve() not in (written_by_this_run or set()):
+        raise RunDirectoryError(
+            f"{str(out)!r} already holds the results of another run ({results.name}): choose another folder "
+            "(Report.output_dir, or the logger's name/version), or remove the old run first"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise RunDirectoryError(
+            f"cannot write the run's files to {str(out)!r} ({err.strerror or err}): set Report.output_dir (or the "
+            "logger's save_dir) to a writable folder"
+        ) from None
+
+
+class RunDirectoryError(ValueError):
+    """The run's output folder cannot be used (not writable, or it holds another run's results)."""

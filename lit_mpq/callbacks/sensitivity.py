@@ -2,15 +2,13 @@
 
 Measures every layer's sensitivity to every candidate bit width, weights and input activations separately, and
 writes the table into the plan (and to ``sensitivity.json`` at once, so it survives a later failure). Results are
-cached on disk under a key made of the model's weights, the calibration data and every setting that changes the
-scores, so a second run with another budget or policy does not probe again.
+cached on disk (:mod:`lit_mpq.sensitivity.cache`) under a key made of the model's weights, the calibration pixels
+and every setting that changes the scores, so a second run with another budget or policy does not probe again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +19,7 @@ from typing_extensions import override
 from lit_mpq.callbacks._common import (
     QUANT_STAGES,
     calibration_batches,
+    calibration_shard,
     gather_rows,
     measure_phase,
     require_before,
@@ -30,10 +29,12 @@ from lit_mpq.callbacks._common import (
 )
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.quant.checks import check_finite_scores
+from lit_mpq.report.record import SensitivityRecord
 from lit_mpq.sensitivity import SENSITIVITY_METRICS, SensitivityStats
+from lit_mpq.sensitivity.cache import ProbeCache, probe_cache_key
 
 KINDS = ("w", "a")
-CACHE_FORMAT = 1
 
 
 class SensitivityProbe(Callback):
@@ -96,34 +97,24 @@ class SensitivityProbe(Callback):
             require_before(trainer, self, Calibration, "needs calibrated activation quantizers")
 
     def cache_key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        """Hash of everything that determines the scores: weights, calibration data, settings."""
-        digest = hashlib.sha256()
-        for name, tensor in pl_module.model.state_dict().items():
-            if "quantizer" in name or "bias_correction" in name:
-                continue
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        datamodule = trainer.datamodule
-        calibration = {k: v for k, v in pl_module.results.get("calibration", {}).items() if "seconds" not in k}
-        calibration.pop("images_this_rank", None)
+        """Key of this probe's result: the model's weights, the calibration pixels and every setting that matters.
+
+        See :mod:`lit_mpq.sensitivity.cache`; the device count and the evaluation data are not part of it.
+        """
+        calibration = next(cb for cb in trainer.callbacks if isinstance(cb, Calibration))
+        record = pl_module.record.calibration
+        loader, probe_images = calibration_shard(trainer, self.num_samples)
         settings = {
-            "format": CACHE_FORMAT,
-            "backbone": str(pl_module.hparams.get("backbone")),
-            "data": type(datamodule).__name__,
-            "data_hparams": {k: str(v) for k, v in dict(getattr(datamodule, "hparams", {})).items()},
-            "calib_indices": list(getattr(datamodule, "calib_indices", [])),
-            "calibration": calibration,
+            "calibration": record.settings if record is not None else {},
+            "calibration_images": record.images if record is not None else 0,
+            "batch_size": loader.batch_size,
+            "probe_images": probe_images,
             "metric": self.metric,
             "candidate_bits": self.candidate_bits,
-            "num_samples": self.num_samples,
             "kinds": self.kinds,
             "subsample": self.subsample,
         }
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        return digest.hexdigest()[:24]
-
-    def _cache_path(self, key: str) -> Path | None:
-        return Path(self.cache_dir) / f"{key}.json" if self.cache_dir else None
+        return probe_cache_key(pl_module.model.state_dict(), calibration.image_digests, settings)
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plan: QuantPlan) -> tuple[dict, int]:
         """Probe batch by batch and add the per-batch sums in global batch order, so any device count agrees."""
@@ -149,9 +140,10 @@ class SensitivityProbe(Callback):
         plan = require_plan(pl_module, "SensitivityProbe")
         start = timer()
         key = self.cache_key(trainer, pl_module) if self.cache_dir else None
+        cache = ProbeCache(self.cache_dir) if self.cache_dir else None
         cached: Any = None
-        if trainer.is_global_zero and key is not None and self._cache_path(key).is_file():
-            cached = json.loads(self._cache_path(key).read_text())
+        if trainer.is_global_zero and cache is not None and key is not None:
+            cached = cache.load(key)
         cached = trainer.strategy.broadcast(cached, src=0)
         if cached is not None:
             scores = {
@@ -161,28 +153,28 @@ class SensitivityProbe(Callback):
         else:
             with measure_phase(pl_module, "probe"):
                 scores, images = self._probe(trainer, pl_module, plan)
+        check_finite_scores(scores, self.metric)
         for name, table in scores.items():
             plan[name].sensitivity = table
         seconds = timer() - start
         self._done = True
-        pl_module.results["sensitivity"] = {
-            "metric": self.metric,
-            "candidate_bits": self.candidate_bits,
-            "kinds": self.kinds,
-            "images": images,
-            "seconds": seconds,
-            "cache": "hit" if cached is not None else ("miss" if key else "off"),
-            "cache_key": key,
-            "subsample": self.subsample,
-        }
+        pl_module.record.sensitivity = SensitivityRecord(
+            metric=self.metric,
+            candidate_bits=list(self.candidate_bits),
+            kinds=list(self.kinds),
+            images=images,
+            seconds=seconds,
+            cache="hit" if cached is not None else ("miss" if key else "off"),
+            cache_key=key,
+            subsample=self.subsample,
+        )
         out = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if trainer.is_global_zero:
             document = {"metric": self.metric, "images": images, "layers": scores}
             out.mkdir(parents=True, exist_ok=True)
-            (out / "sensitivity.json").write_text(json.dumps(document, indent=2))
-            if key is not None and cached is None:
-                self._cache_path(key).parent.mkdir(parents=True, exist_ok=True)
-                self._cache_path(key).write_text(json.dumps(document))
+            (out / "sensitivity.json").write_text(json.dumps(document, indent=2, allow_nan=False))
+            if cache is not None and key is not None and cached is None:
+                cache.store(key, document)
         pl_module.log("time/probe_s", seconds)
         pl_module.log("sens/images", float(images))
         pl_module.log("sens/cache_hit", float(cached is not None))

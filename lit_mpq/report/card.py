@@ -72,7 +72,11 @@ def batchnorm_folding_text(bn_folded: bool, weight_granularity: str) -> str:
 
 
 def first_last_precision(plan: QuantPlan) -> dict[str, str | None]:
-    """Precision of the plan's first and last layers (model order) as ``"W<bits>A<bits>"``, ``"FP"`` for FP32.
+    """Precision of the plan's entry and exit layers as ``"W<bits>A<bits>"`` (``"FP"`` for FP32).
+
+    The entry layers are those that see the network input first; the exit layers are the classifier head(s)
+    (:attr:`QuantPlan.entry_layers`, :attr:`QuantPlan.exit_layers`, in execution order). Several layers with different
+    precisions are joined with ``"/"``.
 
     Args:
         plan: The plan at its current bit widths.
@@ -82,8 +86,12 @@ def first_last_precision(plan: QuantPlan) -> dict[str, str | None]:
     """
     if len(plan) == 0:
         return {"first": None, "last": None}
-    first, last = plan[plan.names[0]], plan[plan.names[-1]]
-    return {"first": precision_key(first.w_bits, first.a_bits), "last": precision_key(last.w_bits, last.a_bits)}
+
+    def precision(names: list[str]) -> str:
+        keys = dict.fromkeys(precision_key(plan[name].w_bits, plan[name].a_bits) for name in names)
+        return "/".join(keys)
+
+    return {"first": precision(plan.entry_layers), "last": precision(plan.exit_layers)}
 
 
 def build_card(
@@ -171,6 +179,9 @@ def build_card(
         },
         "plan": {
             "layers": len(plan),
+            "entry_layers": list(plan.entry_layers),
+            "exit_layers": list(plan.exit_layers),
+            "left_in_float": dict(plan.float_layers),
             "pinned": [spec.name for spec, lp in plan.items() if lp.pinned],
             "average_weight_bits": plan.average_weight_bits(),
             "average_act_bits": plan.average_act_bits(),

@@ -1,4 +1,4 @@
-"""Pin the MAC formula that LayerSpec.macs follows against torch's own FLOP counter (FLOPs = 2 * MACs).
+"""The MACs that ``measure_layers`` records, against torch's own FLOP counter (FLOPs = 2 * MACs) and hand counts.
 
 Conv2d: MACs per image = output elements per image * (in_channels / groups) * kh * kw.
 Linear: MACs per image = output elements per image * in_features (tokens included for (N, T, D) inputs).
@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lit_mpq.energy import HorowitzEnergyModel
 from lit_mpq.plan import LayerSpec
+from lit_mpq.quant.apply import QuantSettings, measure_layers, quantize_model
 
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
@@ -21,37 +22,12 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def conv_spec(name: str, conv: nn.Conv2d, x: torch.Tensor) -> LayerSpec:
-    with torch.no_grad():
-        out = conv(x)
-    out_per_image = out[0].numel()
-    kh, kw = conv.kernel_size
-    macs = out_per_image * (conv.in_channels // conv.groups) * kh * kw
-    return LayerSpec(
-        name=name,
-        kind="conv2d",
-        params=conv.weight.numel(),
-        macs=macs,
-        act_in=x[0].numel(),
-        act_out=out_per_image,
-        weight_shape=tuple(conv.weight.shape),
-    )
-
-
-def linear_spec(name: str, linear: nn.Linear, x: torch.Tensor) -> LayerSpec:
-    with torch.no_grad():
-        out = linear(x)
-    out_per_image = out[0].numel()
-    macs = out_per_image * linear.in_features
-    return LayerSpec(
-        name=name,
-        kind="linear",
-        params=linear.weight.numel(),
-        macs=macs,
-        act_in=x[0].numel(),
-        act_out=out_per_image,
-        weight_shape=tuple(linear.weight.shape),
-    )
+def measured_spec(layer: nn.Module, x: torch.Tensor) -> LayerSpec:
+    """The product's own measurement: quantize a one-layer model and measure it with a batch of ``x``."""
+    model = nn.Sequential(layer)
+    quantize_model(model, QuantSettings())
+    (spec,) = measure_layers(model, x)
+    return spec
 
 
 @pytest.mark.parametrize(
@@ -70,9 +46,10 @@ def linear_spec(name: str, linear: nn.Linear, x: torch.Tensor) -> LayerSpec:
 @pytest.mark.parametrize("batch", [1, 3])
 def test_conv_macs_match_flop_counter(conv, shape, expected_macs, batch):
     x = torch.randn(batch, *shape)
-    spec = conv_spec("conv", conv, x)
+    spec = measured_spec(conv, x)
     assert spec.macs == expected_macs
     assert count_flops(conv, x) == 2 * spec.macs * batch
+    assert spec.params == conv.weight.numel() and spec.act_in == x[0].numel()
 
 
 @pytest.mark.parametrize(
@@ -86,13 +63,13 @@ def test_conv_macs_match_flop_counter(conv, shape, expected_macs, batch):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_linear_macs_match_flop_counter(linear, shape, expected_macs, batch):
     x = torch.randn(batch, *shape)
-    spec = linear_spec("fc", linear, x)
+    spec = measured_spec(linear, x)
     assert spec.macs == expected_macs
     assert count_flops(linear, x) == 2 * spec.macs * batch
 
 
 def test_energy_uses_the_pinned_macs():
     conv = nn.Conv2d(3, 16, 3, padding=1)
-    spec = conv_spec("conv", conv, torch.randn(1, 3, 32, 32))
+    spec = measured_spec(conv, torch.randn(1, 3, 32, 32))
     # 442368 MAC * 0.23 pJ = 101744.64 pJ
     assert HorowitzEnergyModel().layer(spec, 8, 8).mac_pj == pytest.approx(101_744.64)

@@ -136,6 +136,14 @@ class MPQCLI(LightningCLI):
         if isinstance(self.model, MPQModule) and isinstance(seed, int) and not isinstance(seed, bool):
             self.model.record.seed_everything = seed
 
+    def after_validate(self) -> None:
+        """Print each Report's summary after Lightning's own output, so it is the last thing the user sees."""
+        from lit_mpq.callbacks import Report
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, Report) and callback.print_summary and callback.last_summary:
+                print(callback.last_summary, flush=True)
+
 
 def main(args: list[str] | None = None, run: bool = True) -> MPQCLI | None:
     """Build the CLI (and run the subcommand when ``run``); user errors end the process with one short message.

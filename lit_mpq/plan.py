@@ -246,11 +246,20 @@ class QuantPlan:
         """
         if not isinstance(data, Mapping) or "layers" not in data:
             raise ValueError("not a lit_mpq plan: expected a mapping with a 'layers' list (written by plan.yaml)")
+        if not isinstance(data["layers"], list):
+            raise ValueError("not a lit_mpq plan: 'layers' must be a list of rows (written by plan.yaml)")
         specs, layers = [], {}
-        for row in data["layers"]:
-            spec = LayerSpec.from_dict(row["spec"])
+        for index, row in enumerate(data["layers"]):
+            where = f"layers[{index}]" + (f" ({row.get('name')!r})" if isinstance(row, Mapping) else "")
+            if not isinstance(row, Mapping) or not isinstance(row.get("spec"), Mapping):
+                raise ValueError(f"plan row {where} has no 'spec' mapping: it was not written by a lit_mpq run")
+            try:
+                spec = LayerSpec.from_dict(row["spec"])
+                layers[spec.name] = LayerPlan.from_dict(row)
+            except (KeyError, TypeError, ValueError) as err:
+                detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+                raise ValueError(f"plan row {where} is malformed: {detail}") from None
             specs.append(spec)
-            layers[spec.name] = LayerPlan.from_dict(row)
         return cls(
             specs,
             layers,

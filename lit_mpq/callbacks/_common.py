@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
@@ -17,6 +18,14 @@ from lit_mpq.plan import QuantPlan
 
 QUANT_STAGES = ("validate", "test")
 """Stages in which the quantization callbacks act; ``fit`` trains the plain FP32 model."""
+
+
+def is_quant_run(trainer: pl.Trainer) -> bool:
+    """Whether the quantization callbacks act now: in ``validate`` and each sweep point.
+
+    Not in ``fit``'s validation loop nor in a sanity check, so a training config may list them too.
+    """
+    return str(getattr(trainer.state.fn, "value", trainer.state.fn)) in QUANT_STAGES and not trainer.sanity_checking
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -97,18 +106,33 @@ def calibration_batches(trainer: pl.Trainer, desc: str, limit: int | None = None
         limit: Use only the first ``limit`` calibration images.
     """
     loader, _ = calibration_shard(trainer, limit)
-    with tqdm(
-        total=len(loader.dataset),
-        desc=desc,
-        unit="img",
-        disable=not show_progress(trainer),
-        leave=False,
-        dynamic_ncols=True,
-    ) as bar:
+    with progress(trainer, len(loader.dataset), desc, "img") as advance:
         for batch in loader:
             x = batch[0] if isinstance(batch, list | tuple) else batch
-            bar.update(int(x.shape[0]))
+            advance(int(x.shape[0]))
             yield trainer.strategy.batch_to_device(x)
+
+
+@contextmanager
+def progress(trainer: pl.Trainer, total: int, desc: str, unit: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar in the trainer's own style (rich or tqdm), shown only when the trainer shows one.
+
+    Yields:
+        ``advance(n)``, to call after each step.
+    """
+    if not show_progress(trainer):
+        yield lambda n: None
+        return
+    if isinstance(trainer.progress_bar_callback, RichProgressBar):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task(desc, total=total)
+            yield lambda n: bar.advance(task, n)
+        return
+    with tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True) as bar:
+        yield bar.update
 
 
 def show_progress(trainer: pl.Trainer) -> bool:

@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lit_mpq.allocation import BitOverride, Policy, Uniform, match_overrides, pin_layers
 from lit_mpq.bits import validate_bits
-from lit_mpq.callbacks._common import QUANT_STAGES, require_before, require_plan, run_dir, timer
+from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, run_dir, timer
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
@@ -91,7 +91,7 @@ class BitAllocator(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._done or trainer.sanity_checking:
+        if self._done or not is_quant_run(trainer):
             return
         plan = require_plan(pl_module, "BitAllocator")
         start = timer()

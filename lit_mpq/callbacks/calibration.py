@@ -22,6 +22,7 @@ from lit_mpq.callbacks._common import (
     QUANT_STAGES,
     calibration_batches,
     gather_rows,
+    is_quant_run,
     measure_phase,
     require_plan,
     strategy_reduce,
@@ -94,7 +95,7 @@ class Calibration(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._calibrated or trainer.sanity_checking:
+        if self._calibrated or not is_quant_run(trainer):
             return
         require_plan(pl_module, "Calibration")
         start = timer()

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_mpq.callbacks._common import QUANT_STAGES, require_before, require_plan, strategy_reduce
+from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, strategy_reduce
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.energy import EnergyModel, HorowitzEnergyModel, energy_report
 from lit_mpq.energy.measure import PhaseMeter, codecarbon_tracker, select_counters
@@ -125,7 +125,7 @@ class EnergyMeter(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not is_quant_run(trainer):
             return
         if getattr(pl_module, "phase_meter", None) is not None:
             pl_module.phase_meter.stop("evaluation")
@@ -148,4 +148,3 @@ class EnergyMeter(Callback):
         pl_module.log("time/eval_images_per_s", throughput)
         if measured["status"] == "ok":  # the same on every rank (reduced above), so the keys match
             pl_module.log("energy/measured_eval_j_per_image", measured["eval_j_per_image"])
-

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from lit_mpq.callbacks._common import QUANT_STAGES, require_before, require_plan, run_dir
+from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, run_dir
 from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.quant.apply import quant_layers
@@ -51,7 +51,8 @@ class Report(Callback):
     Args:
         output_dir: Where files go; default: the logger's version directory (e.g. ``logs/default/version_0``).
         save_figures: Also render PNG figures and TensorBoard figures.
-        print_summary: Print a few lines at the end: accuracy next to FP32, energy, bits, size, policy, run folder.
+        print_summary: Have the command line print a few lines when the run ends: accuracy next to FP32, energy,
+            bits, size, policy and the run folder.
 
     The output folder is checked at setup, before any work: it must be writable, and it must not already hold
     another run's ``results.json`` (two runs given the same logger name and version would mix their files).
@@ -62,6 +63,8 @@ class Report(Callback):
         self.save_figures = save_figures
         self.print_summary = print_summary
         self.last_output_dir: Path | None = None
+        self.last_summary: str | None = None
+        """The few lines that say what the last run gave; the command line prints them when it ends."""
         self._written: set[Path] = set()
 
     @override
@@ -78,7 +81,7 @@ class Report(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not is_quant_run(trainer):
             return
         plan = require_plan(pl_module, "Report")
         pl_module.log("bits/avg_weight", plan.average_weight_bits())
@@ -88,7 +91,7 @@ class Report(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not is_quant_run(trainer):
             return
         out = self._dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
         if not trainer.is_global_zero:
@@ -117,8 +120,7 @@ class Report(Callback):
         if self.save_figures:
             self._figures(plan, pl_module, out, tensorboards)
         self.last_output_dir = out
-        if self.print_summary:
-            print(run_summary(results, out), flush=True)
+        self.last_summary = run_summary(results, out)
 
     @staticmethod
     def _activation_qparams(pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -16,11 +16,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lit_mpq.bits import validate_candidates
 from lit_mpq.callbacks._common import (
     QUANT_STAGES,
     calibration_batches,
     calibration_shard,
     gather_rows,
+    is_quant_run,
     measure_phase,
     require_before,
     require_plan,
@@ -28,7 +30,7 @@ from lit_mpq.callbacks._common import (
     timer,
 )
 from lit_mpq.callbacks.calibration import Calibration
-from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.plan import QuantPlan
 from lit_mpq.quant.checks import check_finite_scores
 from lit_mpq.report.record import SensitivityRecord
 from lit_mpq.sensitivity import SENSITIVITY_METRICS, SensitivityStats
@@ -72,11 +74,7 @@ class SensitivityProbe(Callback):
     ) -> None:
         if metric not in SENSITIVITY_METRICS:
             raise ValueError(f"unknown sensitivity metric {metric!r}; choose one of {list(SENSITIVITY_METRICS)}")
-        if not candidate_bits:
-            raise ValueError("candidate_bits must list at least one bit width, e.g. [4, 6, 8]")
-        for bits in candidate_bits:
-            if validate_bits(bits, "SensitivityProbe.candidate_bits") is None:
-                raise ValueError("candidate_bits must be integers; FP32 (null) needs no probing")
+        candidate_bits = validate_candidates(candidate_bits, "SensitivityProbe.candidate_bits")
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"SensitivityProbe.num_samples must be positive or null (all), got {num_samples}")
         if not kinds or any(kind not in KINDS for kind in kinds):
@@ -135,7 +133,7 @@ class SensitivityProbe(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._done or trainer.sanity_checking:
+        if self._done or not is_quant_run(trainer):
             return
         plan = require_plan(pl_module, "SensitivityProbe")
         start = timer()

@@ -238,3 +238,16 @@ def test_budgets_that_do_not_bind_are_decided_without_highs(monkeypatch) -> None
     monkeypatch.setattr(solver_module, "milp", no_milp)
     assert solve_multiple_choice(objective, [loose]).tolist() == [1, 0]
     assert solve_multiple_choice(objective, []).tolist() == [1, 0]
+
+
+def test_the_solver_writes_nothing_to_the_terminal(capfd):
+    # HiGHS 1.12 (SciPy 1.17) printed from C during binding solves; the process's output must stay clean.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        objective = rng.random((20, 12)) * rng.random((20, 1)) * 10
+        cost = rng.random((20, 12)) * 5
+        low, high = cost.min(1).sum(), cost.max(1).sum()
+        budget = Constraint(name="energy", coeffs=cost, upper=low + (high - low) * 0.5 * rng.random(), unit="µJ")
+        solve_multiple_choice(objective, [budget])
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""

@@ -11,7 +11,10 @@ Subclasses implement :meth:`ClassificationDataModule._build`, which creates thre
 * ``calib_pool``: the images the calibration subset is drawn from (evaluation transforms, never the val set);
 * ``val_set``: the evaluation data (also used for ``test``).
 
-Each item is ``(image, label)``: a float tensor ``[C, H, W]`` and an integer class index.
+Each item is ``(image, label)``: a float tensor ``[C, H, W]`` and an integer class index. Under a Trainer,
+:meth:`ClassificationDataModule.setup` first checks the number of classes against the model's outputs
+(:meth:`ClassificationDataModule.check_num_outputs`), since labels that do not index the model's outputs give a
+wrong accuracy without any error.
 """
 
 from __future__ import annotations
@@ -135,20 +138,41 @@ class ClassificationDataModule(LightningDataModule):
         """Shape ``(C, H, W)`` of one image as the loaders return it."""
         raise NotImplementedError
 
+    def check_num_outputs(self, num_outputs: int) -> None:
+        """Check that this data's labels index the outputs of a model with ``num_outputs`` classes.
+
+        Args:
+            num_outputs: The model's number of outputs (classes).
+
+        Raises:
+            ValueError: If :attr:`num_classes` differs from ``num_outputs``.
+        """
+        if self.num_classes != num_outputs:
+            raise ValueError(
+                f"{type(self).__name__} has {self.num_classes} classes but the model has {num_outputs} outputs. Set "
+                f"the model's num_classes to {self.num_classes}, or use data with the model's classes."
+            )
+
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets and the calibration subset (once; later calls are no-ops).
 
+        Under a Trainer whose LightningModule has an integer ``num_classes``, :meth:`check_num_outputs` runs first.
+
         Args:
             stage: Lightning stage; the same datasets and calibration subset serve every stage.
 
         Raises:
-            ValueError: If the calibration pool is empty or smaller than ``num_calibration_samples``.
+            ValueError: If the classes do not fit the model's outputs, or the calibration pool is empty or smaller
+                than ``num_calibration_samples``.
         """
         if self._built:
             return
+        num_outputs = self._model_num_outputs()
+        if num_outputs is not None:
+            self.check_num_outputs(num_outputs)
         self._build(stage)
         assert self.calib_pool is not None and self.val_set is not None, "_build must set calib_pool and val_set"
         self._calib_indices = self._select_calibration_indices(len(self.calib_pool))  # type: ignore[arg-type]
@@ -241,6 +265,13 @@ class ClassificationDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------------------------
     # helpers
+
+    def _model_num_outputs(self) -> int | None:
+        """``num_classes`` of the LightningModule this data module runs with (``None`` outside a Trainer)."""
+        trainer = getattr(self, "trainer", None)  # set by Lightning when the data module is attached to a Trainer
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        n = getattr(model, "num_classes", None)
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
 
     def _ensure_setup(self) -> None:
         if not self._built:

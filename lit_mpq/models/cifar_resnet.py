@@ -8,6 +8,8 @@ get quantized.
 
 Module names match the state_dict layout of ``akamaster/pytorch_resnet_cifar10`` (``conv1``, ``bn1``,
 ``layer1.0.conv1`` ... ``linear``), so the shared ``cifar10_resnet{20,32,44,56}.pt`` files load with ``strict=True``.
+Those weights were trained on 32x32 images normalized with the ImageNet statistics; the registered
+:data:`CIFAR_RESNET_DATA_CONFIG` says so, so an image folder is fed the same way (no ImageNet resize-and-crop).
 
 Reference:
     K. He, X. Zhang, S. Ren, J. Sun. "Deep Residual Learning for Image Recognition", CVPR 2016, arXiv:1512.03385.
@@ -15,12 +17,15 @@ Reference:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lit_mpq.models.registry import register_backbone
 
 __all__ = [
+    "CIFAR_RESNET_DATA_CONFIG",
     "BasicBlock",
     "CifarResNet",
     "PadShortcut",
@@ -29,6 +34,18 @@ __all__ = [
     "cifar_resnet44",
     "cifar_resnet56",
 ]
+
+CIFAR_RESNET_DATA_CONFIG: dict[str, Any] = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bilinear",
+    # What akamaster/pytorch_resnet_cifar10's trainer used (shared/data/README.md), not the CIFAR statistics.
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    # CIFAR images are the whole 32x32 frame: resize to the input size and keep it all (no ImageNet 0.875 crop).
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+}
+"""Evaluation preprocessing of the CIFAR ResNets (keys of ``timm.data.create_transform``)."""
 
 
 class PadShortcut(nn.Module):
@@ -144,25 +161,25 @@ def _resnet(depth: int, num_classes: int) -> CifarResNet:
     return CifarResNet((depth - 2) // 6, num_classes=num_classes)
 
 
-@register_backbone("cifar_resnet20")
+@register_backbone("cifar_resnet20", data_config=CIFAR_RESNET_DATA_CONFIG)
 def cifar_resnet20(num_classes: int = 10) -> CifarResNet:
     """CIFAR ResNet-20 (0.27M parameters with 10 classes)."""
     return _resnet(20, num_classes)
 
 
-@register_backbone("cifar_resnet32")
+@register_backbone("cifar_resnet32", data_config=CIFAR_RESNET_DATA_CONFIG)
 def cifar_resnet32(num_classes: int = 10) -> CifarResNet:
     """CIFAR ResNet-32 (0.46M parameters with 10 classes)."""
     return _resnet(32, num_classes)
 
 
-@register_backbone("cifar_resnet44")
+@register_backbone("cifar_resnet44", data_config=CIFAR_RESNET_DATA_CONFIG)
 def cifar_resnet44(num_classes: int = 10) -> CifarResNet:
     """CIFAR ResNet-44 (0.66M parameters with 10 classes)."""
     return _resnet(44, num_classes)
 
 
-@register_backbone("cifar_resnet56")
+@register_backbone("cifar_resnet56", data_config=CIFAR_RESNET_DATA_CONFIG)
 def cifar_resnet56(num_classes: int = 10) -> CifarResNet:
     """CIFAR ResNet-56 (0.85M parameters with 10 classes)."""
     return _resnet(56, num_classes)

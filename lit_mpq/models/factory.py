@@ -7,8 +7,14 @@ Name resolution in :func:`create_backbone`:
 3. anything else goes to ``timm.create_model`` (``timm:<name>`` forces timm when a name is ambiguous).
 
 This project's machines are offline. Pretrained downloads therefore start with a quick reachability check of the
-weight host; when it cannot be reached, weights already in the local cache still load, and otherwise one
-:class:`PretrainedWeightsUnavailableError` says how to point ``checkpoint_path`` at local weights instead.
+weight host; when it cannot be reached, weights already in the local cache (Hugging Face or torch hub) load from
+there without touching the network, and otherwise one :class:`PretrainedWeightsUnavailableError` says how to point
+``checkpoint_path`` at local weights instead, before any model is built.
+
+Checkpoint files are only ever read with ``torch.load(weights_only=True)``: unpickling arbitrary objects can run
+code, so a file that needs it is refused with a message on how to convert it. After loading, every float parameter
+and buffer must be finite (:class:`ValueError` naming the tensor otherwise), and a convolution or linear layer whose
+weight is all zeros gets a warning.
 
 Example:
     >>> model = create_backbone("cifar_resnet20")
@@ -23,8 +29,8 @@ import os
 import pickle
 import socket
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -40,9 +46,11 @@ __all__ = [
     "TORCHVISION_PREFIX",
     "PretrainedWeightsUnavailableError",
     "backbone_input_size",
+    "check_weights",
     "create_backbone",
     "is_host_reachable",
     "load_checkpoint",
+    "load_weights_file",
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -58,7 +66,10 @@ REACHABILITY_TIMEOUT_S = 3.0
 DEFAULT_INPUT_SIZE: tuple[int, int, int] = (3, 224, 224)
 """Input size assumed for a model that declares none (the torchvision ImageNet default)."""
 
-_TIMM_PASSTHROUGH_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+_LOCAL_DIR_PREFIX = "local-dir:"
+_TIMM_PASSTHROUGH_PREFIXES = ("hf-hub:", "hf_hub:", _LOCAL_DIR_PREFIX)
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+"""What timm looks for in a Hub repository, safetensors first (``timm.models._hub.load_state_dict_from_hf``)."""
 _STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
 _MAX_LISTED_KEYS = 5
 
@@ -122,6 +133,8 @@ def create_backbone(
             ``pretrained=True`` without ``checkpoint_path``.
         PretrainedWeightsUnavailableError: If pretrained weights cannot be downloaded and are not cached.
         FileNotFoundError: If ``checkpoint_path`` does not exist.
+        ValueError: If a parameter or buffer holds NaN or Inf values (see :func:`check_weights`), or the checkpoint
+            cannot be read weights-only (see :func:`load_weights_file`).
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name must be a non-empty backbone name, got {name!r}. {_where_to_find_names()}")
@@ -147,7 +160,64 @@ def create_backbone(
 
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, strict=True)
+        check_weights(model, f"'{Path(checkpoint_path).expanduser()}'", zero_layers=True)
+    else:
+        # Random initialisation cannot be non-finite, but some libraries zero-initialise heads on purpose: only
+        # downloaded weights are checked for all-zero layers.
+        check_weights(model, f"the pretrained weights of {name!r}" if download else f"the new {name!r}", download)
     return model
+
+
+def check_weights(model: nn.Module, source: str, zero_layers: bool = True) -> None:
+    """Stop on non-finite weights and warn about all-zero layers.
+
+    A single NaN in one weight silently turns every accuracy and sensitivity of a run into noise, so it is an error
+    here, at load time, where the tensor can still be named.
+
+    Args:
+        model: The model to check.
+        source: Where the weights came from, for the messages (e.g. ``"'weights.pt'"``).
+        zero_layers: Also warn about convolution and linear layers whose weight is all zeros.
+
+    Raises:
+        ValueError: If a floating-point parameter or buffer holds NaN or Inf values; the message names the first such
+            tensor and counts the others.
+
+    Example:
+        >>> check_weights(nn.Linear(2, 2), "a new layer")
+    """
+    bad: list[str] = []
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for tensor_name, tensor in named:
+            if not tensor.is_floating_point() or tensor.is_meta or bool(torch.isfinite(tensor).all()):
+                continue
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+            bad.append(f"{kind} '{tensor_name}' has {counts} value{'s' if nan + inf > 1 else ''}")
+    if bad:
+        others = f" ({len(bad) - 1} more non-finite tensor(s))" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{bad[0][0].upper()}{bad[0][1:]} in {source}{others}. Non-finite weights make every accuracy and "
+            "sensitivity meaningless: use weights from a run that did not diverge."
+        )
+    if not zero_layers:
+        return
+    zero = [
+        f"'{layer_name}' ({type(module).__name__})"
+        for layer_name, module in model.named_modules()
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and not module.weight.is_meta
+        and module.weight.numel() > 0
+        and not bool(module.weight.any())
+    ]
+    if zero:
+        warnings.warn(
+            f"All-zero weight in {source}: layer(s) {_first(zero)}. Their output does not depend on their input; "
+            "check that these are the weights you meant to load.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
@@ -167,8 +237,8 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file holds no state_dict, or its keys or shapes do not fit ``model`` (up to five of
-            each kind are listed).
+        ValueError: If the file cannot be read weights-only (see :func:`load_weights_file`), holds no state_dict,
+            or its keys or shapes do not fit ``model`` (up to five of each kind are listed).
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -176,7 +246,7 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
             f"Checkpoint file not found: '{file}'. Pass the path of a saved state_dict (.pt/.pth) or of a Lightning "
             f"checkpoint (.ckpt)."
         )
-    state = _extract_state_dict(_torch_load(file), file)
+    state = _extract_state_dict(load_weights_file(file), file)
     expected = model.state_dict()
     state = _strip_known_prefixes(state, expected.keys())
 
@@ -247,14 +317,24 @@ def _create_torchvision(name: str, tv_name: str, download: bool, num_classes: in
         return torchvision.models.get_model(tv_name, weights=None, **kwargs)
 
     weights = torchvision.models.get_model_weights(tv_name).DEFAULT
-    if not is_host_reachable(TORCHVISION_HOST):
-        cached = _torch_hub_cache_file(weights.url)
-        if not cached.is_file():
-            raise PretrainedWeightsUnavailableError(
-                _unavailable_message(name, f"{TORCHVISION_HOST} is unreachable and '{cached}' is not cached")
-            ) from None
+    cached = _torch_hub_cache_file(weights.url)
     try:
+        if not cached.is_file():
+            if not is_host_reachable(TORCHVISION_HOST):
+                raise PretrainedWeightsUnavailableError(
+                    _unavailable_message(name, f"{TORCHVISION_HOST} is unreachable and '{cached}' is not cached")
+                ) from None
+            # Into the same cache file that torchvision reads; weights_only, like every load in lit_mpq.
+            torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", check_hash=True, weights_only=True)
+        # torchvision's builders read the cached file with weights_only=False; it gets there only once it has
+        # loaded weights-only here, so nothing but tensors and plain containers is ever unpickled.
+        load_weights_file(cached)
         return torchvision.models.get_model(tv_name, weights="DEFAULT", **kwargs)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"Refusing to load '{cached}' (downloaded from {weights.url}): it pickles Python objects, which could run "
+            "code while loading. Delete the file to download it again."
+        ) from None
     except _network_errors() as exc:
         raise PretrainedWeightsUnavailableError(_unavailable_message(name, _short(exc))) from None
 
@@ -267,50 +347,77 @@ def _create_timm(name: str, timm_name: str, download: bool, num_classes: int | N
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if not download:
         return timm.create_model(timm_name, pretrained=False, **kwargs)
+    if not timm_name.startswith(_LOCAL_DIR_PREFIX):  # a local folder needs no network
+        # Decided before timm is called, so that an offline machine fails in seconds, not after its retries.
+        timm_name, kwargs = _timm_source(name, timm_name, kwargs)
+    try:
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    except _network_errors() as exc:
+        raise PretrainedWeightsUnavailableError(_unavailable_message(name, _short(exc))) from None
+
+
+def _timm_source(name: str, timm_name: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Where timm should take pretrained weights from: unchanged when their host answers, else the local caches.
+
+    Returns the model name and keyword arguments for ``timm.create_model``: with an unreachable host, cached weights
+    are passed as a local file (``pretrained_cfg_overlay={"file": ...}``, or a ``local-dir:`` snapshot for
+    ``hf-hub:`` names), so timm never tries the network.
+
+    Raises:
+        PretrainedWeightsUnavailableError: If the host is unreachable and no cache holds the weights.
+    """
+    import timm
+
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if timm_name.startswith(prefix):
+            if is_host_reachable(HF_HUB_HOST):
+                return timm_name, kwargs
+            repo_id = timm_name[len(prefix) :]
+            config = _hf_cached_file(repo_id, "config.json")
+            weights = _hf_cached_file(repo_id, *_HF_WEIGHT_FILES)
+            if config is not None and weights is not None and config.parent == weights.parent:
+                return _LOCAL_DIR_PREFIX + str(config.parent), kwargs
+            raise PretrainedWeightsUnavailableError(
+                _unavailable_message(name, f"{HF_HUB_HOST} is unreachable and the Hugging Face cache lacks them")
+            ) from None
 
     cfg = timm.models.get_pretrained_cfg(timm_name)
+    hf_hub_id = getattr(cfg, "hf_hub_id", None)
     url = getattr(cfg, "url", None) or ""
-    offline: Any = nullcontext()
-    reason = ""
-    if cfg is None or getattr(cfg, "hf_hub_id", None) or timm_name.startswith(_TIMM_PASSTHROUGH_PREFIXES):
-        if not is_host_reachable(HF_HUB_HOST):
-            offline = _hf_hub_offline()  # weights already in the Hugging Face cache still load
-            reason = f"{HF_HUB_HOST} is unreachable and the Hugging Face cache does not hold them"
-    elif url:
+    if not hf_hub_id and not url:
+        return timm_name, kwargs  # no weights anywhere: timm itself says so, without the network
+    cached_url = _torch_hub_cache_file(url) if url else None
+    if hf_hub_id:
+        if is_host_reachable(HF_HUB_HOST):
+            return timm_name, kwargs
+        filename = getattr(cfg, "hf_hub_filename", None)
+        local = _hf_cached_file(hf_hub_id, filename) if filename else _hf_cached_file(hf_hub_id, *_HF_WEIGHT_FILES)
+        reason = f"{HF_HUB_HOST} is unreachable and the Hugging Face cache lacks them"
+    else:
         host = urlparse(url).hostname or ""
-        cached = _torch_hub_cache_file(url)
-        if not cached.is_file() and not is_host_reachable(host):
-            raise PretrainedWeightsUnavailableError(
-                _unavailable_message(name, f"{host} is unreachable and '{cached}' is not cached")
-            ) from None
-    try:
-        with offline:
-            return timm.create_model(timm_name, pretrained=True, **kwargs)
-    except _network_errors() as exc:
-        raise PretrainedWeightsUnavailableError(_unavailable_message(name, reason or _short(exc))) from None
+        if (cached_url is not None and cached_url.is_file()) or is_host_reachable(host):
+            return timm_name, kwargs  # timm takes the torch hub cache itself before downloading
+        local, reason = None, f"{host} is unreachable and '{cached_url}' is not cached"
+    if local is None and cached_url is not None and cached_url.is_file():
+        local = cached_url  # an older download of the same weights, from the URL timm used before the Hub
+    if local is None:
+        raise PretrainedWeightsUnavailableError(_unavailable_message(name, reason)) from None
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(local))
+    return timm_name, {**kwargs, "pretrained_cfg_overlay": overlay}
 
 
-@contextmanager
-def _hf_hub_offline() -> Iterator[None]:
-    """Put the Hugging Face Hub client in offline mode (cache only) for the duration of the block."""
-    old_env = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def _hf_cached_file(repo_id: str, *filenames: str) -> Path | None:
+    """The first of ``filenames`` in the local Hugging Face cache (``repo@revision`` allowed), without the network."""
     try:
-        import huggingface_hub.constants as hf_constants
+        from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        hf_constants = None
-    old_const = getattr(hf_constants, "HF_HUB_OFFLINE", None)
-    if hf_constants is not None:
-        hf_constants.HF_HUB_OFFLINE = True  # read at import time, so the env var alone is not enough
-    try:
-        yield
-    finally:
-        if hf_constants is not None:
-            hf_constants.HF_HUB_OFFLINE = old_const
-        if old_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old_env
+        return None
+    repo, _, revision = repo_id.partition("@")
+    for filename in filenames:
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):  # else None (not cached) or a "known not to exist" marker
+            return Path(found)
+    return None
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -334,8 +441,8 @@ def _torch_hub_cache_file(url: str) -> Path:
 
 def _unavailable_message(name: str, reason: str) -> str:
     return (
-        f"Pretrained weights for {name!r} could not be downloaded ({reason}; is this machine offline?) and are not "
-        f"in the local cache. Supply a local checkpoint instead, e.g. in the model config:\n"
+        f"Pretrained weights for {name!r} could not be downloaded: {reason} (is this machine offline?). Supply a "
+        f"local checkpoint instead, e.g. in the model config:\n"
         f"    checkpoint_path: /path/to/weights.pth   # a plain state_dict or a Lightning .ckpt\n"
         f"    pretrained: false"
     )
@@ -377,19 +484,55 @@ def _short(exc: BaseException) -> str:
 # checkpoint files
 
 
-def _torch_load(file: Path) -> Any:
+def load_weights_file(path: str | Path) -> Any:
+    """Read a ``torch.save`` file with ``torch.load(weights_only=True)``, never unpickling arbitrary objects.
+
+    ``weights_only`` admits tensors, plain containers and numbers, which is all a state_dict or a Lightning
+    checkpoint written by ``fit`` holds (checked against Lightning 2.6: its loop, callback and optimizer states and
+    ``hyper_parameters`` are plain data), so no extra class is allow-listed. A file that needs anything else could
+    run code while loading and is refused, with a one-liner to convert it that the user runs only if they trust it.
+
+    Args:
+        path: The file.
+
+    Returns:
+        What the file holds, on the CPU.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file pickles Python objects other than tensors and plain containers, or cannot be read.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"Checkpoint file not found: '{file}'.")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if file.suffix == ".ckpt":
-            # Lightning checkpoints may pickle hyperparameters that weights_only refuses; only trust .ckpt files.
-            return torch.load(file, map_location="cpu", weights_only=False)
-        if isinstance(exc, pickle.UnpicklingError):
-            raise ValueError(
-                f"Could not load '{file}' with torch.load(weights_only=True): {_short(exc)}. Save the weights with "
-                f"torch.save(model.state_dict(), path), or, for a trusted Lightning checkpoint, use a .ckpt suffix."
-            ) from None
-        raise ValueError(f"Could not read checkpoint '{file}': {_short(exc)}.") from None
+        with warnings.catch_warnings():  # torch's note on plain-pickle protocols would only precede our message
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():  # not torch's refusal: a damaged pickle stream
+            raise ValueError(f"Could not read checkpoint '{file}' (corrupt or not a torch.save file).") from None
+        raise ValueError(
+            f"Refusing to load '{file}': it pickles Python objects ({_unpickler_reason(exc)}), which could run code "
+            f"while loading; lit_mpq reads checkpoints with torch.load(weights_only=True) only. If you trust the file, "
+            f"convert it once and pass weights.pt instead:\n"
+            f'    python -c "import torch; c = torch.load({str(file)!r}, weights_only=False); '
+            f"torch.save(c.get('state_dict', c), 'weights.pt')\""
+        ) from None
+    except Exception as exc:  # truncated zip, empty file, garbage: torch raises RuntimeError, EOFError, KeyError...
+        detail = str(exc).split(". ")[0].strip()[:200]  # torch's first sentence; the rest is generic advice
+        raise ValueError(
+            f"Could not read checkpoint '{file}' (corrupt or not a torch.save file): {type(exc).__name__}"
+            + (f": {detail}." if detail else ".")
+        ) from None
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The specific line of torch's weights-only refusal (e.g. 'unsupported GLOBAL posix.system'), no boilerplate."""
+    body = str(exc).split("Check the documentation")[0]
+    lines = [line.strip() for line in body.splitlines()[1:] if line.strip()]
+    reason = lines[-1].split("WeightsUnpickler error:")[-1].strip() if lines else ""
+    return reason.rstrip(".")[:200] or "objects other than tensors and plain containers"
 
 
 def _extract_state_dict(obj: Any, file: Path) -> dict[str, torch.Tensor]:

@@ -184,3 +184,19 @@ def test_resnet20_through_the_module(shared_data):
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in dm.val_dataloader())
     assert correct == 915
+
+
+def test_classes_are_checked_against_the_models_outputs(tiny_npz):
+    """Under a Trainer, setup compares num_classes with the attached model's (a 100-class model on CIFAR-10 fails)."""
+    from types import SimpleNamespace
+
+    dm = CIFARDataModule(train_npz=str(tiny_npz["train"]), test_npz=str(tiny_npz["test"]), num_calibration_samples=4)
+    dm.check_num_outputs(10)
+    with pytest.raises(ValueError, match="CIFARDataModule has 10 classes but the model has 100 outputs"):
+        dm.check_num_outputs(100)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(num_classes=100))
+    with pytest.raises(ValueError, match="has 10 classes but the model has 100 outputs"):
+        dm.setup("validate")
+    dm.trainer.lightning_module.num_classes = 10
+    dm.setup("validate")
+    assert len(dm.val_set) == 40

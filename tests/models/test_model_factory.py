@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,16 @@ from lit_mpq.models import (
 @dataclass
 class _NotAllowlisted:  # pickled into a .ckpt to force torch.load(weights_only=False)
     lr: float = 0.1
+
+
+class _RunsCode:
+    """Unpickling this creates the file ``marker``: what a crafted checkpoint could do with any command."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -107,14 +118,46 @@ def test_offline_pretrained_fails_fast(name):
     assert os.environ.get("HF_HUB_OFFLINE") == hf_offline_before  # offline mode only for the duration of the call
 
 
-def test_hf_offline_mode_is_restored(monkeypatch):
+def _fake_hf_cache(root, repo_id: str, filename: str, state: dict) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/<file>}."""
+    from safetensors.torch import save_file
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(repo / "snapshots" / "0123abcd" / filename))
+
+
+def test_timm_offline_loads_from_hf_cache_without_touching_hub_settings(monkeypatch, tmp_path):
+    """Unreachable Hub: cached weights load as a local file; the Hub client's global settings stay as they were."""
     import huggingface_hub.constants as hf_constants
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    before = hf_constants.HF_HUB_OFFLINE
-    with factory._hf_hub_offline():
-        assert os.environ["HF_HUB_OFFLINE"] == "1" and hf_constants.HF_HUB_OFFLINE is True
-    assert "HF_HUB_OFFLINE" not in os.environ and hf_constants.HF_HUB_OFFLINE == before
+    monkeypatch.setattr(factory, "is_host_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    offline_before, env_before = hf_constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    reference = create_backbone("test_vit")
+    _fake_hf_cache(tmp_path / "hf", "timm/test_vit.r160_in1k", "model.safetensors", reference.state_dict())
+    model = create_backbone("test_vit", pretrained=True)
+    assert _same_weights(model, reference)
+    assert hf_constants.HF_HUB_OFFLINE == offline_before and os.environ.get("HF_HUB_OFFLINE") == env_before
+    assert not hasattr(factory, "_hf_hub_offline")
+
+
+def test_timm_offline_without_cache_fails_before_building(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+    import timm
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("timm.create_model must not run when the weights cannot be had")
+
+    monkeypatch.setattr(factory, "is_host_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(timm, "create_model", no_build)
+    with pytest.raises(PretrainedWeightsUnavailableError, match="huggingface.co is unreachable"):
+        create_backbone("test_vit", pretrained=True)
+    with pytest.raises(PretrainedWeightsUnavailableError, match="Hugging Face cache lacks them"):
+        create_backbone("hf-hub:timm/test_vit.r160_in1k", pretrained=True)
 
 
 def test_torchvision_uses_cached_weights_when_offline(monkeypatch, tmp_path):
@@ -133,6 +176,21 @@ def test_torchvision_uses_cached_weights_when_offline(monkeypatch, tmp_path):
     torch.save(reference.state_dict(), cached)
     model = create_backbone("torchvision:resnet18", pretrained=True)
     assert _same_weights(model, reference)
+
+
+def test_torchvision_cached_file_is_read_weights_only_first(monkeypatch, tmp_path):
+    """torchvision's builders torch.load the cache with weights_only=False: a poisoned cache file must not get there."""
+    import torchvision
+
+    monkeypatch.setattr(factory, "is_host_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"fc.weight": _RunsCode(str(marker))}, cached)
+    with pytest.raises(ValueError, match=f"Refusing to load '{cached}'"):
+        create_backbone("torchvision:resnet18", pretrained=True)
+    assert not marker.exists()
 
 
 def test_is_host_reachable_offline_is_quick():
@@ -162,16 +220,122 @@ def test_load_lightning_checkpoint_strips_model_prefix(tmp_path):
     assert _same_weights(source, target)
 
 
-def test_load_dataparallel_and_pickled_hparams(tmp_path):
+def test_load_dataparallel_prefix(tmp_path):
     source, target = create_backbone("digits_cnn"), create_backbone("digits_cnn")
-    state = {f"module.{k}": v for k, v in source.state_dict().items()}
-    payload = {"state_dict": state, "hyper_parameters": {"opt": _NotAllowlisted()}}
-    torch.save(payload, tmp_path / "dp.ckpt")
-    load_checkpoint(target, str(tmp_path / "dp.ckpt"))  # weights_only fails, .ckpt falls back
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "dp.ckpt")
+    load_checkpoint(target, str(tmp_path / "dp.ckpt"))
     assert _same_weights(source, target)
-    torch.save(payload, tmp_path / "dp.pt")
-    with pytest.raises(ValueError, match="weights_only"):
-        load_checkpoint(target, str(tmp_path / "dp.pt"))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
+def test_pickled_objects_are_refused_whatever_the_suffix(tmp_path, suffix):
+    """Before: a .ckpt that failed weights_only was re-loaded with weights_only=False (arbitrary code)."""
+    source = create_backbone("digits_cnn")
+    path = tmp_path / f"hparams{suffix}"
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": {"opt": _NotAllowlisted()}}, path)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(create_backbone("digits_cnn"), str(path))
+    msg = str(info.value)
+    assert str(path) in msg and "weights_only=True" in msg and "_NotAllowlisted" in msg
+    assert "torch.save(c.get('state_dict', c), 'weights.pt')" in msg  # how to convert a trusted file
+    assert ".ckpt suffix" not in msg and "rename" not in msg.lower()
+    assert len(msg.splitlines()) <= 3
+
+
+def test_code_in_a_checkpoint_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(10, 64)}, "x": _RunsCode(str(marker))}, evil)
+    legacy = tmp_path / "legacy.pt"  # the pre-zip format takes another code path in torch.load
+    torch.save({"x": _RunsCode(str(marker))}, legacy, _use_new_zipfile_serialization=False)
+    for path in (evil, legacy):
+        with pytest.raises(ValueError, match=f"Refusing to load '{path}'"):
+            create_backbone("digits_cnn", checkpoint_path=str(path))
+        with pytest.raises(ValueError, match=f"Refusing to load '{path}'"):
+            load_checkpoint(create_backbone("digits_cnn"), str(path))
+    assert not marker.exists()
+    torch.load(legacy, weights_only=False)  # the payload is real: unpickling it does create the marker
+    assert marker.exists()
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(create_backbone("digits_cnn").state_dict(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path in (truncated, empty):
+        with pytest.raises(ValueError, match=f"Could not read checkpoint '{path}' \\(corrupt"):
+            create_backbone("digits_cnn", checkpoint_path=str(path))
+
+
+def test_a_real_lightning_checkpoint_loads_weights_only(tmp_path):
+    """What `python cli.py fit` writes (loops, callbacks, optimizer, hparams) is plain data: no allow-list needed."""
+    from lightning.pytorch import Trainer
+
+    from lit_mpq.data import DigitsDataModule
+    from lit_mpq.models.export import export_backbone
+    from lit_mpq.module import MPQModule
+
+    module = MPQModule(backbone="digits_cnn")
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64))
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    content = torch.load(ckpt, weights_only=True)  # torch's own check, independent of lit_mpq
+    assert {"state_dict", "optimizer_states", "hyper_parameters"} <= content.keys()
+    model = create_backbone("digits_cnn", checkpoint_path=str(ckpt))
+    assert _same_weights(model, module.model)
+    exported = export_backbone(ckpt, tmp_path / "digits.pt")
+    assert _same_weights(create_backbone("digits_cnn", checkpoint_path=str(exported)), module.model)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# weights checked at load
+
+
+def test_nan_weight_is_named_with_its_file(tmp_path):
+    state = create_backbone("cifar_resnet20").state_dict()
+    state["layer1.0.conv1.weight"].view(-1)[[0, 5, 9]] = float("nan")
+    state["bn1.running_var"][2] = float("inf")
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        create_backbone("cifar_resnet20", checkpoint_path=str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"Parameter 'layer1.0.conv1.weight' has 3 NaN values in '{path}'")
+    assert "(1 more non-finite tensor(s))" in msg
+
+
+def test_inf_buffer_is_named(tmp_path):
+    state = create_backbone("digits_cnn").state_dict()
+    state["bn2.running_var"][0] = float("-inf")
+    torch.save(state, tmp_path / "inf.pt")
+    with pytest.raises(ValueError, match=r"^Buffer 'bn2.running_var' has 1 Inf value in '.*inf\.pt'"):
+        create_backbone("digits_cnn", checkpoint_path=str(tmp_path / "inf.pt"))
+
+
+def test_all_zero_layer_warns(tmp_path):
+    state = create_backbone("cifar_resnet20").state_dict()
+    state["layer2.1.conv2.weight"].zero_()
+    state["linear.weight"].zero_()
+    torch.save(state, tmp_path / "zero.pt")
+    with pytest.warns(UserWarning, match=r"All-zero weight in '.*zero\.pt'.*'layer2\.1\.conv2' \(Conv2d\), 'linear'"):
+        create_backbone("cifar_resnet20", checkpoint_path=str(tmp_path / "zero.pt"))
+
+
+def test_healthy_weights_load_without_warning(tmp_path, recwarn):
+    torch.save(create_backbone("cifar_resnet20").state_dict(), tmp_path / "ok.pt")
+    create_backbone("cifar_resnet20", checkpoint_path=str(tmp_path / "ok.pt"))
+    assert not [w for w in recwarn if "All-zero" in str(w.message)]
 
 
 def test_load_missing_file(tmp_path):

@@ -37,7 +37,7 @@ from torch import Tensor
 
 __all__ = ["CACHE_FORMAT", "ProbeCache", "image_digest", "probe_cache_key", "weights_digest"]
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Version of the key recipe and file layout; entries of another version never match."""
 
 SKIPPED_STATE = ("quantizer", "bias_correction")

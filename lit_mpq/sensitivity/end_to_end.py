@@ -4,6 +4,10 @@ For each layer, tensor kind (weights or input activations) and candidate bit wid
 on and the calibration images are run again; the score is the mean KL divergence ``KL(p_float || p_quant)`` of the
 softmax outputs. It measures exactly what matters, at the price of ``2 x layers x candidates`` network passes, so
 it is the slow reference against which the cheap metrics are judged (Kendall's tau in ``benchmarks/``).
+
+Each setting runs the layers' own quantized forward, so subclasses of the float layers (timm's standardized and
+SAME-padded convolutions) are measured as they will run, with nothing special here; so is bias correction, when the
+layers have it (the output-error and Fisher probes leave it out).
 """
 
 from __future__ import annotations

@@ -6,9 +6,13 @@ For a perturbation ``delta`` of a tensor ``t`` (its quantization error at ``b`` 
 Accurate Post-Training Quantization..." and of HAWQ's Fisher variants). One forward and one backward pass over the
 calibration data give every layer and every candidate:
 
-- activations: ``g`` is the exact per-image gradient of the layer's input, so the sum runs over images;
+- activations: ``g`` is the exact per-image gradient of the layer's input, so the sum runs over images. It is the
+  gradient through this layer's use of the input only: the input quantizer changes nothing else, even where the
+  same tensor also feeds a residual shortcut or another layer;
 - weights: ``g`` is the gradient of each batch's summed loss (per-image weight gradients would cost one backward
-  per image), accumulated over batches.
+  per image), accumulated over batches. The tensor is the layer's effective weight, the kernel its forward
+  multiplies the input with and its weight quantizer quantizes (the standardized weight of timm's ``StdConv2d``;
+  the ``weight`` parameter itself for plain layers): ``g`` and ``delta`` must live in the same space.
 
 The loss is the cross-entropy against the float model's own prediction, so no labels are needed and any image set
 calibrates. The score is the sum divided by the number of images.
@@ -55,25 +59,42 @@ def probe_fisher(
     layers = quant_layers(model)
     stats = SensitivityStats.empty(list(layers), candidates)
     run = forward or model
-    saved: dict[str, Tensor] = {}
+    kernels: dict[str, list[Tensor]] = {name: [] for name in layers}  # effective weights used in this batch
     scale = [1.0]  # images in the batch per image used, set per batch
     handles = []
 
-    def make_forward_hook(name: str):
-        def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            x = inputs[0]
-            if "a" not in kinds or not x.requires_grad:
-                return
-            saved[name] = x.detach()
+    def make_input_hook(name: str):
+        def pre_hook(layer: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+            x = args[0]
+            if not x.requires_grad:
+                return None
+            # The layer's input quantizer changes only what this layer reads, so g must be the gradient that flows
+            # back through this layer alone. x itself may feed other modules too (a residual block's input feeds
+            # its shortcut; two layers may read one tensor), and its own gradient would sum all of them: the layer
+            # is handed an alias of x, whose gradient comes from this one use (and this one call) only.
+            alias = x.view_as(x)
+            x_float = x.detach()
 
             def grad_hook(grad: Tensor) -> None:
                 with torch.no_grad():
-                    x_float = saved.pop(name)
                     for bits in candidates:
                         delta = layer.input_quantizer.quantize(x_float, bits).sub_(x_float).mul_(grad)
                         stats.act_sq[name][bits] += float(torch.linalg.vector_norm(delta)) ** 2 * scale[0]
 
-            x.register_hook(grad_hook)
+            alias.register_hook(grad_hook)
+            return (alias, *args[1:])
+
+        return pre_hook
+
+    def make_kernel_hook(name: str):
+        def hook(quantizer: nn.Module, inputs: tuple, output: Tensor) -> None:
+            # With the quantizers off, the weight quantizer's output is the effective weight the layer hands to
+            # conv2d/linear. A computed one (standardized) is a new tensor in every call: each call's gradient is
+            # kept and summed. A plain layer's is its weight parameter, whose .grad already sums over calls, so a
+            # tensor seen before is not added twice.
+            if output.requires_grad and all(output is not seen for seen in kernels[name]):
+                output.retain_grad()
+                kernels[name].append(output)
 
         return hook
 
@@ -83,7 +104,12 @@ def probe_fisher(
             p.requires_grad_(False)
         for layer in layers.values():
             layer.weight.requires_grad_("w" in kinds)
-        handles = [layer.register_forward_hook(make_forward_hook(name)) for name, layer in layers.items()]
+        if "a" in kinds:
+            handles += [layer.register_forward_pre_hook(make_input_hook(name)) for name, layer in layers.items()]
+        if "w" in kinds:
+            handles += [
+                layer.weight_quantizer.register_forward_hook(make_kernel_hook(name)) for name, layer in layers.items()
+            ]
         try:
             for batch in batches:
                 x = batch[::subsample].clone().requires_grad_(True)  # a normal tensor: autograd reaches layer 1
@@ -96,12 +122,19 @@ def probe_fisher(
                 if "w" in kinds:
                     with torch.no_grad():
                         for name, layer in layers.items():
-                            g = layer.weight.grad
+                            # A layer the forward did not call, or whose output the loss does not depend on, has
+                            # no gradient: its score does not change.
+                            grads = [kernel.grad for kernel in kernels[name] if kernel.grad is not None]
+                            if not grads:
+                                continue
+                            g = grads[0] if len(grads) == 1 else torch.stack(grads).sum(dim=0)
+                            weight = kernels[name][0].detach()
                             for bits in candidates:
-                                delta = layer.weight_quantizer.quantize(layer.weight.detach(), bits) - layer.weight
+                                delta = layer.quantize_weight(bits) - weight
                                 stats.weight_sq[name][bits] += float(((g * delta).double() ** 2).sum()) * scale[0]
                 stats.num_samples += int(batch.shape[0])
-                saved.clear()
+                for captured in kernels.values():
+                    captured.clear()
         finally:
             for handle in handles:
                 handle.remove()

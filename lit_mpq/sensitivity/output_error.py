@@ -5,6 +5,11 @@ float forward pass of the network gives every layer's float input ``x`` and outp
 bit width the layer is recomputed once with quantized weights and once with a quantized input, so all layers x
 all candidates cost one pass plus the layers' own work per candidate. The float output norm ``||y_l||_2`` is
 kept too, for the normalized variant ``S_l(b) / ||y_l||``.
+
+Layers are recomputed through their own quantization API, so subclasses of the float layers get the numbers of
+their real quantized forward: the weight perturbation is ``quantize_weight(b) - effective_weight()`` (the
+standardized kernel of timm's ``StdConv2d``, say), and a convolution sees ``pad_input(x)`` (timm's dynamic SAME
+padding) as its forward does.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ ForwardFn = Callable[[Tensor], Tensor]
 
 
 def _apply(layer: nn.Module, x: Tensor, weight: Tensor, subsample: int) -> Tensor:
-    """The layer without bias, evaluated at every ``subsample``-th output position (row and column, or token).
+    """The layer's map of its input ``x`` with kernel ``weight``, no bias, at every ``subsample``-th output position.
 
-    A convolution with ``subsample`` times its stride computes exactly the outputs at positions ``0, k, 2k, ...``
-    of the full one; for a Linear over tokens (``[batch, tokens, features]``) every ``subsample``-th token is used.
+    ``x`` is what the layer's ``forward`` receives; padding the layer adds itself (timm's SAME convolutions) is added
+    here, so the convolution sees what it sees in the forward. A convolution with ``subsample`` times its stride
+    computes exactly the outputs at positions ``0, k, 2k, ...`` of the full one; for a Linear over tokens
+    (``[batch, tokens, features]``) every ``subsample``-th token is used.
     """
     if isinstance(layer, nn.Conv2d):
+        x = layer.pad_input(x)
         if subsample == 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             return layer._conv_forward(x, weight, None)
         stride = tuple(s * subsample for s in layer.stride)
@@ -53,9 +61,13 @@ def _weight_perturbation_outputs(
     return _apply(layer, x, torch.cat(deltas), subsample)
 
 
-def _input_perturbation_outputs(layer: nn.Module, deltas: Tensor, subsample: int = 1) -> Tensor:
-    """``f(delta, W)`` without bias for inputs stacked along the batch dimension."""
-    return _apply(layer, deltas, layer.weight, subsample)
+def _input_perturbation_outputs(layer: nn.Module, deltas: Tensor, weight: Tensor, subsample: int = 1) -> Tensor:
+    """``f(delta, W)`` without bias for inputs stacked along the batch dimension.
+
+    Padding a perturbation pads it with zeros, which is the perturbation of the padded input: the layer quantizes its
+    input before padding, and zero is always a quantization level.
+    """
+    return _apply(layer, deltas, weight, subsample)
 
 
 @dataclass
@@ -168,11 +180,14 @@ def probe_output_error(
             # With subsampling, every k-th image (and below, every k-th output row/column or token) stands for all.
             images = x.shape[0] / x[::subsample].shape[0]
             x = x[::subsample]
+            # The kernel the layer's forward multiplies with (standardized for timm's StdConv2d): the weight
+            # quantizer perturbs it, not the raw parameter.
+            weight = layer.effective_weight()
             # The layer is linear in its weight and in its input, so the output error of a perturbation is the
             # layer applied to the perturbation alone (bias excluded); all candidates go through one batched call,
             # and the squared errors of all candidates are reduced in one pass.
             if "w" in kinds:
-                deltas = [layer.weight_quantizer.quantize(layer.weight, b) - layer.weight for b in candidates]
+                deltas = [layer.quantize_weight(b) - weight for b in candidates]
                 errors = _weight_perturbation_outputs(layer, x, deltas, subsample)  # [batch, k * out, ...] or a list
                 if isinstance(errors, list):
                     sums = [float(torch.linalg.vector_norm(e)) ** 2 for e in errors]
@@ -188,7 +203,7 @@ def probe_output_error(
                 deltas = torch.empty((k, *x.shape), dtype=x.dtype, device=x.device)
                 for i, bits in enumerate(candidates):
                     torch.sub(layer.input_quantizer.quantize(x, bits), x, out=deltas[i])
-                errors = _input_perturbation_outputs(layer, deltas.flatten(0, 1), subsample)
+                errors = _input_perturbation_outputs(layer, deltas.flatten(0, 1), weight, subsample)
                 scale = images * _positions(y, layer) / _positions(errors, layer)
                 sums = (torch.linalg.vector_norm(errors.reshape(k, -1), dim=1) ** 2).tolist()
                 for bits, value in zip(candidates, sums, strict=True):

@@ -25,7 +25,10 @@ def is_quant_run(trainer: pl.Trainer) -> bool:
 
     Not in ``fit``'s validation loop nor in a sanity check, so a training config may list them too.
     """
-    return str(getattr(trainer.state.fn, "value", trainer.state.fn)) in QUANT_STAGES and not trainer.sanity_checking
+    if getattr(trainer, "sanity_checking", False):
+        return False
+    stage = getattr(getattr(trainer, "state", None), "fn", None)
+    return stage is None or str(getattr(stage, "value", stage)) in QUANT_STAGES  # None: hooks called by hand
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

@@ -35,7 +35,7 @@ from lit_mpq.quant.apply import (
     quantize_model,
     set_mode,
 )
-from lit_mpq.quant.checks import check_calibrated
+from lit_mpq.quant.checks import check_calibrated, check_finite_parameters
 from lit_mpq.quant.observers import sync_observers
 from lit_mpq.report.record import CalibrationRecord
 from lit_mpq.sensitivity.cache import image_digest, stack_digests, unstack_digests
@@ -98,6 +98,7 @@ class Calibration(Callback):
         if self._calibrated or not is_quant_run(trainer):
             return
         require_plan(pl_module, "Calibration")
+        check_finite_parameters(pl_module.model)
         start = timer()
         set_mode(pl_module.model, weights="off", activations="observe")
         seen = 0

@@ -20,11 +20,33 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["NonFiniteError", "check_calibrated", "check_finite_scores"]
+__all__ = ["NonFiniteError", "check_calibrated", "check_finite_parameters", "check_finite_scores"]
 
 
 class NonFiniteError(ValueError):
     """A tensor or score that must be finite is NaN or infinite; the message names the layer or tensor."""
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Raise if a parameter or floating-point buffer of ``model`` holds NaN or infinite values.
+
+    Loading checks the file's tensors; this catches values changed after loading (by code, or by a callback),
+    before calibration would blame the next layer's input for them.
+
+    Raises:
+        NonFiniteError: Naming the first such tensor, with the count of bad values.
+    """
+    # Quantizer statistics start at +-inf by design: only the model's own tensors are checked.
+    own_buffers = [(n, b) for n, b in model.named_buffers() if "quantizer" not in n and "bias_correction" not in n]
+    for name, tensor in [*model.named_parameters(), *own_buffers]:
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor.detach())
+        if bool(bad.any()):
+            nans = int(torch.isnan(tensor.detach()).sum())
+            raise NonFiniteError(
+                f"tensor {name!r} holds {int(bad.sum())} non-finite values ({nans} NaN): fix or reload the weights"
+            )
 
 
 def check_calibrated(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ No Lightning here: the ``Report`` callback calls these functions and decides whe
 
 from lit_mpq.report.card import build_card, write_card
 from lit_mpq.report.figures import (
+    accuracy_axis_range,
     bit_distribution_pie,
     bit_width_figure,
     energy_breakdown_figure,
@@ -19,6 +20,7 @@ from lit_mpq.report.figures import (
 from lit_mpq.report.files import to_plain, write_csv, write_results_json
 
 __all__ = [
+    "accuracy_axis_range",
     "bit_distribution_pie",
     "bit_width_figure",
     "build_card",

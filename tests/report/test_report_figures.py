@@ -1,6 +1,9 @@
 """Tests for lit_mpq.report.figures on a small hand-made plan."""
 
-import matplotlib
+import os
+import subprocess
+import sys
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from matplotlib.figure import Figure
 from lit_mpq.energy import HorowitzEnergyModel, energy_report
 from lit_mpq.plan import LayerPlan, LayerSpec, QuantPlan
 from lit_mpq.report import bit_width_figure, energy_breakdown_figure, save_figure, sensitivity_histogram_figure
+from lit_mpq.report.figures import FP32_GAP_BITS
 
 SPECS = [
     LayerSpec(name="stem", kind="conv2d", params=432, macs=442368, act_in=3072, act_out=16384),
@@ -37,8 +41,16 @@ def make_plan(with_sensitivity: bool) -> QuantPlan:
     return QuantPlan(SPECS, layers)
 
 
-def test_agg_backend():
-    assert matplotlib.get_backend().lower() == "agg"
+def test_import_chooses_no_backend_and_no_pyplot():
+    code = (
+        "import sys, matplotlib\n"
+        "import lit_mpq.report.figures\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+        "assert matplotlib.rcParams._get_backend_or_none() is None, matplotlib.rcParams._get_backend_or_none()\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "MPLBACKEND"}  # no backend chosen from outside
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 def test_bit_width_figure_bars_and_fp32():
@@ -47,8 +59,12 @@ def test_bit_width_figure_bars_and_fp32():
     ax = fig.axes[0]
     assert len(ax.patches) == 2 * len(SPECS)  # weight + activation bar per layer
     heights = [patch.get_height() for patch in ax.patches]
-    # weights in model order, then activations; FP32 drawn as 32
-    assert heights == [8, 4, 2, 32, 32, 8, 4, 32]
+    # weights in model order, then activations; FP32 at its own level just above 8 bits, not at 32
+    fp32 = 8 + FP32_GAP_BITS
+    assert heights == [8, 4, 2, fp32, fp32, 8, 4, fp32]
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["2", "4", "8", "FP32"]
+    assert list(ax.get_yticks()) == [2, 4, 8, fp32]
+    assert ax.get_ylim()[1] < 12  # 2 to 8 bits keep most of the height
     hatched = [bool(patch.get_hatch()) for patch in ax.patches]
     assert hatched == [False, False, False, True, True, False, False, True]
     assert "bits" in ax.get_ylabel()
@@ -56,6 +72,17 @@ def test_bit_width_figure_bars_and_fp32():
     assert labels == ["stem *", "layer1.conv", "layer2.conv", "fc *"]  # pinned layers marked
     legend_texts = [text.get_text() for text in ax.get_legend().get_texts()]
     assert any("FP32" in text for text in legend_texts) and any("pinned" in text for text in legend_texts)
+
+
+def test_bit_width_axis_marks_the_candidates_and_no_fp32_when_all_quantized():
+    plan = QuantPlan(SPECS[:2], {"stem": LayerPlan(w_bits=4, a_bits=8), "layer1.conv": LayerPlan(w_bits=2, a_bits=3)})
+    ax = bit_width_figure(plan, candidate_bits=[2, 3, 4, 6, 8]).axes[0]
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["2", "3", "4", "6", "8"]
+    assert [patch.get_height() for patch in ax.patches] == [4, 2, 8, 3]
+    # Without candidates given, the probed widths are marked.
+    plan["stem"].sensitivity = {"w": {2: 0.1, 6: 0.01}}
+    ax = bit_width_figure(plan).axes[0]
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["2", "3", "4", "6", "8"]
 
 
 def test_sensitivity_histogram_with_data():
@@ -122,11 +149,10 @@ def test_save_figure(tmp_path):
         "energy.png": energy_breakdown_figure(energy_report(plan, HorowitzEnergyModel())),
     }
     for name, fig in figures.items():
-        number = fig.number
         path = save_figure(fig, tmp_path / "nested" / "dir" / name)
         assert path.is_file() and path.stat().st_size > 1000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert number not in plt.get_fignums()  # saved figures are closed
+    assert plt.get_fignums() == []  # figures never go through pyplot, so nothing holds them open
 
 
 def test_save_figure_rejects_other_suffix(tmp_path):

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Wedge
+from matplotlib.text import Text
 
 from lit_mpq.energy import HorowitzEnergyModel, MaxBitWidthEnergyModel, energy_report
 from lit_mpq.plan import LayerPlan, LayerSpec, QuantPlan
 from lit_mpq.report import (
+    accuracy_axis_range,
     bit_distribution_pie,
     energy_comparison_figure,
     pareto_figure,
@@ -40,6 +42,7 @@ ROWS = [
     {"name": "random 1", "kind": "random", "energy_uj": 60.0, "top1": 50.0},
     {"name": "random 2", "kind": "random", "energy_uj": 70.0, "top1": float("nan")},
     {"name": "HAWQ", "kind": "hawq_v3", "energy_uj": 50.0, "top1": 87.0},
+    {"name": "config", "kind": "config", "energy_uj": 47.0, "top1": 86.0},
 ]
 
 
@@ -101,25 +104,78 @@ def test_pareto_front_matches_brute_force(points):
 
 
 # ------------------------------------------------------------------------------------------ pareto_figure
-def test_pareto_figure_points_frontier_and_labels():
-    fig = pareto_figure(ROWS)
+def offsets(ax):
+    """Every scatter point on ``ax`` in display coordinates (whatever transform its collection uses)."""
+    return [
+        tuple(xy)
+        for c in ax.collections
+        if isinstance(c, PathCollection)
+        for xy in c.get_offset_transform().transform(np.asarray(c.get_offsets(), dtype=float))
+    ]
+
+
+def test_pareto_figure_points_frontier_fp32_and_labels():
+    fig = pareto_figure(ROWS, fp32_top1=91.0)
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     collections = [c for c in ax.collections if isinstance(c, PathCollection)]
-    assert len(collections) == 5  # budget, uniform, seed_rule, random, other (hawq_v3)
     assert sum(len(c.get_offsets()) for c in collections) == len(ROWS) - 1  # the NaN row is left out
     (frontier,) = [line for line in ax.lines if "Pareto" in str(line.get_label())]
     finite = [(r["energy_uj"], r["top1"]) for r in ROWS]
     expected = [finite[i] for i in pareto_front(finite)]
     assert list(zip(frontier.get_xdata(), frontier.get_ydata(), strict=True)) == expected
-    assert expected == [(39.0, 70.0), (40.0, 85.0), (50.0, 87.0), (55.0, 89.0), (82.0, 90.0)]
+    assert expected == [(39.0, 70.0), (40.0, 85.0), (47.0, 86.0), (50.0, 87.0), (55.0, 89.0), (82.0, 90.0)]
+    (fp32,) = [line for line in ax.lines if "FP32" in str(line.get_label())]
+    assert list(fp32.get_ydata()) == [91.0, 91.0] and "91.00 %" in fp32.get_label()
     annotations = {text.get_text() for text in ax.texts}
-    assert {"W8A8", "W4A4", "first/last 8", "HAWQ"} <= annotations  # baselines are named
+    assert {"W8A8", "HAWQ", "config"} <= annotations  # baselines and the config's own point are named
     assert not annotations & {"budget 0.5", "random 1"}
     assert "µJ" in ax.get_xlabel() and "%" in ax.get_ylabel()
     assert "1 rows without a finite" in fig.get_suptitle().replace("\n", " ")
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert any("hawq_v3" in text for text in legend) and any("frontier" in text for text in legend)
+    for word in ("config's own", "hawq_v3", "frontier", "FP32"):
+        assert any(word in text for text in legend), word
+    (config,) = [c for c in collections if "config" in str(c.get_label())]
+    assert config.get_facecolor().size == 0  # hollow: a baseline with the same allocation shows through
+
+
+def test_pareto_axis_shows_the_band_and_lists_points_below_it():
+    fig = pareto_figure(ROWS, fp32_top1=91.0)
+    ax = fig.axes[0]
+    bottom, top = ax.get_ylim()
+    # Within 10 points of FP32 lie 85-90 %; 70, 80 and 50 % would squash them: they sit on the bottom edge instead.
+    assert 84.0 < bottom < 85.0 and 91.0 < top < 92.0
+    assert bottom == pytest.approx(accuracy_axis_range([r["top1"] for r in ROWS], 91.0)[0])
+    xlabel = ax.get_xlabel().replace("\n", " ")
+    assert "3 below" in xlabel and "W4A4 70.0 %" in xlabel and "random 1 50.0 %" in xlabel
+    frame = ax.get_window_extent()
+    for x, y in offsets(ax):  # every marker is drawn where the reader can see it
+        assert frame.x0 - 1 <= x <= frame.x1 + 1 and frame.y0 - 1 <= y <= frame.y1 + 1
+
+
+def test_pareto_fp32_from_rows_and_no_clipping_when_all_points_are_close():
+    rows = [{**row, "top1_fp32": 90.5} for row in ROWS if row["kind"] in ("budget", "uniform") and row["top1"] > 80]
+    ax = pareto_figure(rows).axes[0]
+    assert any("90.50 %" in str(line.get_label()) for line in ax.lines)
+    assert "below" not in ax.get_xlabel()
+    assert ax.get_ylim()[0] < min(row["top1"] for row in rows)
+    assert accuracy_axis_range([]) is None
+
+
+def test_pareto_labels_do_not_overlap():
+    # Eight named baselines packed into a corner, plus budget points around them.
+    crowded = [
+        {"name": f"uniform_W{w}A{a}", "kind": "uniform", "energy_uj": 10 + 0.3 * i, "top1": 90.0 + 0.05 * (i % 3)}
+        for i, (w, a) in enumerate([(8, 8), (6, 8), (8, 6), (6, 6), (4, 8), (8, 4), (4, 6), (6, 4)])
+    ]
+    crowded += [{"name": f"b{i}", "kind": "budget", "energy_uj": 8 + i, "top1": 85 + i} for i in range(6)]
+    fig = pareto_figure(crowded, fp32_top1=91.0)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(text, renderer) for text in ax.texts if text.get_text().startswith("uniform")]
+    assert len(boxes) == 8
+    for first, second in itertools.combinations(boxes, 2):
+        assert not first.overlaps(second), (first, second)
 
 
 @pytest.mark.parametrize("bad", ["rows", [{"name": "a", "kind": "budget", "top1": 1.0}], [3]])
@@ -217,19 +273,24 @@ def test_sensitivity_heatmap_without_data():
 
 
 # ------------------------------------------------------------------------------------------ summary
-def test_summary_figure_has_four_panels():
+def test_summary_figure_with_a_sweep():
     plan = make_plan()
     report = energy_report(plan, HorowitzEnergyModel())
-    fig = summary_figure(plan, report, ROWS)
-    assert len(fig.axes) >= 4
-    pareto_ax, sens_ax, pie_ax, energy_ax = fig.axes[:4]
+    fig = summary_figure(plan, report, ROWS, top1=86.0, top1_fp32=91.0)
+    pareto_ax, bits_ax, sens_ax, w_pie_ax, a_pie_ax, energy_ax = fig.axes[:6]
     assert sum(len(c.get_offsets()) for c in pareto_ax.collections) == len(ROWS) - 1
     assert any("Pareto" in str(line.get_label()) for line in pareto_ax.lines)
+    assert any("FP32" in str(line.get_label()) for line in pareto_ax.lines)
+    assert len(bits_ax.patches) == 2 * len(SPECS)  # weight and activation bits per layer
     assert sens_ax.patches and "log10" in sens_ax.get_xlabel()
-    assert len([p for p in pie_ax.patches if isinstance(p, Wedge)]) == 3
+    assert len([p for p in w_pie_ax.patches if isinstance(p, Wedge)]) == 3
+    assert len([p for p in a_pie_ax.patches if isinstance(p, Wedge)]) == 3  # activations: 4, 8 bits and FP32
+    assert "activation" in a_pie_ax.get_title()
     assert len(energy_ax.patches) == 3 * len(SPECS)
     assert "µJ" in energy_ax.get_ylabel()
-    assert "Horowitz" in fig.get_suptitle()
+    title = fig.get_suptitle().replace("\n", " ")
+    assert "top-1 86.00 % (FP32 91.00 %, -5.00 pp)" in title
+    assert "mean activation width" in title and "Horowitz" in title
 
 
 def test_summary_figure_without_sweep_or_energy_and_top_layers():
@@ -237,16 +298,19 @@ def test_summary_figure_without_sweep_or_energy_and_top_layers():
         LayerSpec(name=f"l{i}", kind="linear", params=10 * (i + 1), macs=100, act_in=10, act_out=10) for i in range(20)
     ]
     plan = QuantPlan(specs)
-    fig = summary_figure(plan, energy_report(plan, HorowitzEnergyModel()), None)
+    fig = summary_figure(plan, energy_report(plan, HorowitzEnergyModel()), None, top1=97.5)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert any("no sweep" in text for text in texts)
+    assert not any("sweep" in text for text in texts)  # no empty frontier panel
     assert any("no weights sensitivity data" in text for text in texts)
-    energy_ax = fig.axes[3]
+    bits_ax, _, _, _, energy_ax = fig.axes[:5]
+    assert len(bits_ax.patches) == 2 * 20 and "bit width" in bits_ax.get_ylabel()
     assert len(energy_ax.patches) == 3 * 12  # the 12 most expensive layers
     assert [t.get_text() for t in energy_ax.get_xticklabels()] == [f"l{i}" for i in range(8, 20)]
     assert "top 12 of 20" in energy_ax.get_title()
+    assert fig.get_suptitle().startswith("top-1 97.50 %;")
     fig = summary_figure(plan, None, [])
     assert any("no energy report" in t.get_text() for ax in fig.axes for t in ax.texts)
+    assert not fig.get_suptitle().startswith("top-1")  # no accuracy given: none claimed
 
 
 def test_new_figures_save_to_png(tmp_path):

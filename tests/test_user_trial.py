@@ -314,3 +314,170 @@ def test_shortcuts_change_budget_policy_and_bits_without_copying_the_yaml(tmp_pa
     assert {(row["w_bits"], row["a_bits"]) for row in plan["layers"]} == {(4, 8)}
     results = json.loads((run_folder(tmp_path) / "results.json").read_text())
     assert results["allocation"]["policy"].startswith("Uniform")
+
+
+# ----------------------------------------------------------------------------------------------- image folders
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _folder_config(tmp_path: Path, shared: Path, root: Path, backbone: str, checkpoint: str | None, **data) -> Path:
+    def edit(config: dict) -> None:
+        config["model"]["init_args"].update(backbone=backbone, checkpoint_path=checkpoint, pretrained=False)
+        config["data"] = {
+            "class_path": "lit_mpq.data.ImageFolderDataModule",
+            "init_args": {
+                "root": str(root),
+                "val_dir": "val",
+                "calib_dir": "train",
+                "batch_size": 4,
+                "num_calibration_samples": 4,
+                **data,
+            },
+        }
+        callback_args(config, "SensitivityProbe").update(candidate_bits=[4, 8])
+        allocator = callback_args(config, "BitAllocator")
+        allocator["first_last_bits"] = 8
+        allocator["policy"] = {"class_path": "lit_mpq.allocation.Uniform", "init_args": {"w_bits": 4, "a_bits": 8}}
+
+    return config_with(tmp_path, "default.yaml", edit, "folder.yaml")
+
+
+def _write_cifar_folder(root: Path, shared: Path, classes: list[str], per_class: int = 2) -> None:
+    from PIL import Image
+
+    data = np.load(shared / "cifar10_test_1k_lossless.npz")
+    for split in ("train", "val"):
+        for name in classes:
+            label = CIFAR_CLASSES.index(name)
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            picks = np.flatnonzero(data["labels"] == label)[:per_class]
+            for i in picks:
+                Image.fromarray(data["images"][i]).save(folder / f"{i}.png")
+
+
+def test_a_folder_whose_classes_do_not_match_the_model_is_refused(tmp_path: Path, shared_data: Path) -> None:
+    root = tmp_path / "one_class"
+    _write_cifar_folder(root, shared_data, ["cat"], per_class=4)
+    config = _folder_config(tmp_path, shared_data, root, "cifar_resnet20", str(shared_data / "cifar10_resnet20.pt"))
+    assert_clean_failure(cli("validate", "--config", str(config)), "classes_file")
+
+
+def test_a_class_list_maps_folders_to_the_model_labels(tmp_path: Path, shared_data: Path) -> None:
+    root = tmp_path / "two_classes"
+    _write_cifar_folder(root, shared_data, ["ship", "truck"], per_class=6)
+    classes = tmp_path / "cifar10_classes.txt"
+    classes.write_text("\n".join(CIFAR_CLASSES) + "\n")
+    config = _folder_config(
+        tmp_path,
+        shared_data,
+        root,
+        "cifar_resnet20",
+        str(shared_data / "cifar10_resnet20.pt"),
+        classes_file=str(classes),
+        num_calibration_samples=8,
+    )
+    result = cli("validate", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_folder(tmp_path) / "results.json").read_text())
+    # Folder positions 0 and 1 would be airplane and automobile: without the list the FP32 model scores ~0 %.
+    assert results["top1_fp32"] >= 75.0
+
+
+def test_an_undecodable_image_is_reported_with_its_file_name(tmp_path: Path, shared_data: Path) -> None:
+    root = tmp_path / "corrupt"
+    _write_cifar_folder(root, shared_data, CIFAR_CLASSES, per_class=1)
+    broken = root / "val" / "cat" / "broken.png"
+    broken.write_bytes((next((root / "val" / "dog").glob("*.png"))).read_bytes()[:60])
+    classes = tmp_path / "cifar10_classes.txt"
+    classes.write_text("\n".join(CIFAR_CLASSES) + "\n")
+    config = _folder_config(
+        tmp_path,
+        shared_data,
+        root,
+        "cifar_resnet20",
+        str(shared_data / "cifar10_resnet20.pt"),
+        classes_file=str(classes),
+    )
+    assert_clean_failure(cli("validate", "--config", str(config)), "broken.png")
+
+
+# ------------------------------------------------------------------------------------ layers left in float
+def _imagenet_folder(tmp_path: Path, shared: Path) -> Path:
+    root = tmp_path / "imagenet_small"
+    for split, source in (("train", "imagenet_sample_1000"), ("val", "imagenet_val_1300")):
+        for wnid in sorted(p.name for p in (shared / "imagenet_val_1300").iterdir())[:2]:
+            (root / split / wnid).mkdir(parents=True)
+            for image in sorted((shared / source / wnid).iterdir())[:2]:
+                (root / split / wnid / image.name).symlink_to(image)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("backbone", "quantized", "left_float"),
+    [
+        ("mobilenetv3_small_050", "classifier", None),  # timm's own Linear subclass: 40 % of the weights
+        ("torchvision:googlenet", "fc", "aux1.fc2"),  # training-only auxiliary heads: left in float, listed
+    ],
+)
+def test_no_layer_is_left_in_float_silently(
+    tmp_path: Path, shared_data: Path, backbone: str, quantized: str, left_float: str | None
+) -> None:
+    root = _imagenet_folder(tmp_path, shared_data)
+    config = _folder_config(
+        tmp_path,
+        shared_data,
+        root,
+        backbone,
+        None,
+        classes_file=str(shared_data / "imagenet_classes.txt"),
+        num_calibration_samples=2,  # one calibration image per class in imagenet_sample_1000
+    )
+    result = cli("validate", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = yaml.safe_load((run_folder(tmp_path) / "plan.yaml").read_text())
+    rows = {row["name"]: row for row in plan["layers"]}
+    assert rows[quantized]["w_bits"] == 8 and rows[quantized]["pinned"]  # the real classifier got the last-layer pin
+    assert plan["exit_layers"] == [quantized]
+    card = yaml.safe_load((run_folder(tmp_path) / "card.yaml").read_text())
+    if left_float is not None:
+        assert left_float in plan["float_layers"] and left_float in card["plan"]["left_in_float"]
+
+
+# ---------------------------------------------------------------------------------------- budgets and plans
+def _exact_digits(tmp_path: Path, **probe) -> Path:
+    def edit(config: dict) -> None:
+        callback_args(config, "SensitivityProbe").update(**probe)
+
+    return config_with(tmp_path, "default.yaml", edit, "exact.yaml")
+
+
+def test_the_infeasible_budget_message_gives_a_minimum_that_can_be_copied_back(tmp_path: Path) -> None:
+    import re
+
+    config = _exact_digits(tmp_path)
+    error = assert_clean_failure(cli("validate", "--config", str(config), "--budget=0.01xW4A4"), "energy_ratio=")
+    minimum = re.search(r"energy_ratio=([0-9.]+)", error).group(1)
+    again = cli("validate", "--config", str(config), f"--budget={minimum}xW4A4")
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_a_malformed_plan_file_is_refused_at_setup_naming_the_row(tmp_path: Path) -> None:
+    plan = {"version": 1, "layers": [{"name": "conv1", "w_bits": 4, "a_bits": 8}, {"w_bits": 4}]}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+
+    def edit(config: dict) -> None:
+        callback_args(config, "BitAllocator")["policy"] = {
+            "class_path": "lit_mpq.allocation.FromFile",
+            "init_args": {"path": str(path)},
+        }
+
+    result = cli("validate", "--config", str(config_with(tmp_path, "default.yaml", edit, "from_file.yaml")))
+    assert_clean_failure(result, "layers[1]")
+    assert not list(tmp_path.rglob("sensitivity.json")), "the plan was checked only after calibration and probing"
+
+
+def test_exact_allocation_with_a_weights_only_probe_says_how_to_fix_it(tmp_path: Path) -> None:
+    config = _exact_digits(tmp_path, kinds=["w"])
+    assert_clean_failure(cli("validate", "--config", str(config), "--budget=1xW4A4"), "kinds")

@@ -298,6 +298,10 @@ class ImageFolderDataModule(ClassificationDataModule):
             calibration_subset=calibration_subset,
         )
         _check_input_size(input_size)
+        # Logged as data_backbone: Lightning refuses a datamodule hparam that shares a name with a different model
+        # hparam, and null (follow the model) differs from the model's backbone by design.
+        for hparams in (self.hparams, self._hparams_initial):
+            hparams["data_backbone"] = hparams.pop("backbone")
         self.root = root
         self.val_dir = val_dir
         self.calib_dir = calib_dir

@@ -262,19 +262,20 @@ def _shorten(text: str) -> str:
 
 
 _NOISE = re.compile(
-    r"(Given value( type)?:|Namespace\(|Expected a <class 'NoneType'>|^\s*Subclass types expect|^\s*Subtypes:|"
-    r"^\s*Does not validate against any of|^\s*Errors:\s*$)"
+    r"(Given value( type)?:|Namespace\(|Expected a <class 'NoneType'>|^Subclass types expect|^Subtypes:|"
+    r"^Does not validate against any of|^Errors:$|^Not a valid subclass of|^a class path \(str\)$|^a dict with"
+    r"(out)? (class_path|init_args|parameters)|^Type <class|^Unable to load config)"
 )
 
 
 def _argument_message(text: str) -> str:
     kept: list[str] = []
     for line in text.splitlines():
-        if _NOISE.search(line):
-            continue
         line = re.sub(r"^\s*- ", "", line).strip()
         line = re.sub(r"^(Parser key \"[^\"]+\":\s*)", "", line)
         line = line.replace("Problem with given class_path ", "").strip()
+        if _NOISE.search(line):
+            continue
         if re.fullmatch(r"'[\w.]+':", line):
             line = f"in {line[1:-2]}:"
         if line and line not in kept:

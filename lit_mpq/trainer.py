@@ -6,6 +6,8 @@ options are the arguments of :meth:`MPQTrainer.sweep`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +18,27 @@ from lit_mpq.sweep.runner import run_sweep
 
 class MPQTrainer(pl.Trainer):
     """``lightning.pytorch.Trainer`` with a :meth:`sweep` subcommand."""
+
+    def validate(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        ckpt_path: str | Path | None = None,
+        verbose: bool = False,
+        datamodule: pl.LightningDataModule | None = None,
+        weights_only: bool | None = None,
+    ) -> list[Mapping[str, float]]:
+        """Lightning's ``validate``, quiet by default: the ``Report`` callback's summary replaces the metrics table.
+
+        Args:
+            model: The MPQModule.
+            dataloaders: Evaluation dataloaders (default: the datamodule's).
+            ckpt_path: Checkpoint to restore before evaluating.
+            verbose: Also print Lightning's table of every logged metric.
+            datamodule: The DataModule.
+            weights_only: Passed to Lightning's checkpoint loading.
+        """
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def sweep(
         self,

@@ -30,6 +30,18 @@ def require_shared(*names: str) -> Path:
 
 
 @pytest.fixture
+def single_thread():
+    """One intra-op thread (restored afterwards): small tensors and many ops run faster on shared cores, and float
+    results do not depend on thread scheduling. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """Path of ``shared/data`` (skips, or fails with ``LIT_MPQ_REQUIRE_SHARED=1``, when it is absent)."""
     return require_shared()

@@ -161,7 +161,7 @@ def _cifar_config(tmp_path: Path, shared: Path, train_npz: Path, name: str = "ci
             num_calibration_samples=64,
             max_val_samples=64,
         )
-        callback_args(config, "SensitivityProbe").update(metric="output_l2", candidate_bits=[4, 8], **probe)
+        callback_args(config, "SensitivityProbe").update({"metric": "output_l2", "candidate_bits": [4, 8], **probe})
         allocator = callback_args(config, "BitAllocator")
         allocator["policy"]["init_args"].update(w_candidates=[4, 8], a_candidates=[4, 8])
 
@@ -232,11 +232,14 @@ def test_an_unwritable_output_dir_is_found_at_setup_before_any_work(tmp_path: Pa
     assert not list(tmp_path.rglob("sensitivity.json")), "the run calibrated and probed before noticing"
 
 
-def test_sigterm_ends_the_run_with_a_non_zero_status_and_keeps_earlier_files(tmp_path: Path) -> None:
-    def edit(config: dict) -> None:
-        callback_args(config, "SensitivityProbe").update(metric="kl", cache_dir=None)  # a slow probe to stop in
-
-    config = config_with(tmp_path, "default.yaml", edit)
+def test_sigterm_ends_the_run_with_a_non_zero_status_and_keeps_earlier_files(tmp_path: Path, shared_data: Path) -> None:
+    # The end-to-end KL probe over 512 images of ResNet-20 takes tens of seconds: a phase that SIGTERM must cut short
+    # (Lightning alone would let it finish and exit 0 at the next evaluation batch).
+    config = _cifar_config(tmp_path, shared_data, shared_data / "cifar10_train_4k_lossless.npz", metric="kl")
+    edited = yaml.safe_load(config.read_text())
+    edited["data"]["init_args"].update(num_calibration_samples=512, batch_size=128)
+    callback_args(edited, "SensitivityProbe")["cache_dir"] = None
+    config.write_text(yaml.safe_dump(edited))
     process = subprocess.Popen(
         [sys.executable, "cli.py", "validate", "--config", str(config)],
         cwd=REPO,
@@ -246,12 +249,15 @@ def test_sigterm_ends_the_run_with_a_non_zero_status_and_keeps_earlier_files(tmp
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list((tmp_path / "logs").rglob("config.yaml")):
-        time.sleep(0.2)
-    time.sleep(1.0)
+        time.sleep(0.1)
+    time.sleep(3.0)  # into calibration or the probe
     process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert time.monotonic() - started < 20, "the run went on after SIGTERM"
     assert "Traceback" not in stderr and "SIGTERM" in stderr
+    assert list((tmp_path / "logs").rglob("config.yaml")), "files written before the signal must stay"
     assert not list((tmp_path / "logs").rglob("results.json"))
 
 

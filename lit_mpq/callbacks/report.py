@@ -118,7 +118,7 @@ class Report(Callback):
         for logger in tensorboards:
             self._log_tensorboard(logger, pl_module, metrics)
         if self.save_figures:
-            self._figures(plan, pl_module, out, tensorboards)
+            self._figures(plan, pl_module, out, tensorboards, metrics)
         self.last_output_dir = out
         self.last_summary = run_summary(results, out)
 
@@ -162,7 +162,9 @@ class Report(Callback):
         writer.flush()
 
     @staticmethod
-    def _figures(plan, pl_module: pl.LightningModule, out: Path, tensorboards: list[TensorBoardLogger]) -> None:
+    def _figures(
+        plan, pl_module: pl.LightningModule, out: Path, tensorboards: list[TensorBoardLogger], metrics: dict[str, float]
+    ) -> None:
         energy = pl_module.record.energy
         figures = {
             "bits_per_layer": bit_width_figure(plan),
@@ -172,7 +174,15 @@ class Report(Callback):
         }
         if energy is not None:
             figures["energy_breakdown"] = energy_breakdown_figure(energy)
-        figures["summary"] = summary_figure(plan, energy, None)
+        record = pl_module.record
+        figures["summary"] = summary_figure(
+            plan,
+            energy,
+            None,
+            top1=metrics.get("val/top1"),
+            top1_fp32=metrics.get("val/top1_fp32"),
+            candidate_bits=record.sensitivity.candidate_bits if record.sensitivity is not None else None,
+        )
         for name, fig in figures.items():
             for logger in tensorboards:
                 logger.experiment.add_figure(f"figures/{name}", fig, 0, close=False)

@@ -28,14 +28,7 @@ from lit_mpq.quant.apply import (
 from lit_mpq.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
 from lit_mpq.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors, many ops: one intra-op thread is much faster on shared cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model() -> nn.Sequential:

@@ -49,13 +49,7 @@ from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport  # noqa: E402
 WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: faster on shared cores, and float results independent of thread scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------- references

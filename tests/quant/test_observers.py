@@ -20,14 +20,7 @@ from lit_mpq.quant.observers import (
     sync_observers,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors, many ops: one intra-op thread is much faster on shared cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 ALL_OBSERVERS = [MinMaxObserver, PercentileObserver, MSEObserver, HistogramObserver]

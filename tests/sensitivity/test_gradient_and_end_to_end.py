@@ -20,12 +20,7 @@ from lit_mpq.sensitivity import probe_end_to_end, probe_fisher
 CANDIDATES = [2, 4, 8]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def setup():

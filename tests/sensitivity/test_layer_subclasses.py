@@ -45,13 +45,7 @@ from timm.layers.conv2d_same import Conv2dSame  # noqa: E402
 CANDIDATES = [3, 4, 8]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: faster on shared cores, and float results independent of thread scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------------ models

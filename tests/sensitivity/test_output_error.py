@@ -18,14 +18,7 @@ from torch.ao.quantization.observer import PerChannelMinMaxObserver as AoPerChan
 from lit_mpq.quant.apply import QuantSettings, current_modes, quant_layers, quantize_model, set_mode
 from lit_mpq.sensitivity import OutputErrorStats, probe_output_error
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Small tensors, many ops: one intra-op thread is much faster on shared cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 CANDIDATES = [4, 6, 8]

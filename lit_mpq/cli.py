@@ -189,6 +189,12 @@ def main(args: list[str] | None = None, run: bool = True) -> MPQCLI | None:
 
 
 def _build(argv: list[str], run: bool) -> MPQCLI:
+    if sys.argv[1:] and argv != sys.argv[1:]:  # called from Python (tests, notebooks): Lightning warns otherwise
+        saved, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            return _build(argv, run)
+        finally:
+            sys.argv = saved
     return MPQCLI(
         MPQModule,
         ClassificationDataModule,
@@ -199,7 +205,7 @@ def _build(argv: list[str], run: bool) -> MPQCLI:
         save_config_callback=NoOverwriteSaveConfig,
         save_config_kwargs={"overwrite": True},  # the callback itself refuses another run's folder
         parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
-        args=argv if argv != sys.argv[1:] else None,  # Lightning warns when args repeat the command line
+        args=argv if argv != sys.argv[1:] else None,
         run=run,
     )
 

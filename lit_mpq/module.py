@@ -23,8 +23,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_mpq.models import backbone_input_size, create_backbone
 from lit_mpq.plan import QuantPlan
-from lit_mpq.report.record import RunRecord
 from lit_mpq.quant.apply import quant_layer_names, quantizers_mode
+from lit_mpq.report.record import RunRecord
 
 OPTIMIZERS = ("sgd", "adamw")
 

@@ -156,6 +156,7 @@ def test_from_file_reproduces_the_same_accuracy_exactly(default_run, tmp_path):
     assert bits(out2 / "plan.yaml") == bits(out / "plan.yaml")
 
 
+@pytest.mark.slow
 def test_deit_tiny_runs_the_full_chain_and_quantizes_every_layer(tiny_image_folder, tmp_path):
     config = edited_config(tmp_path, "deit.yaml", set_callback_arg(1, "num_samples", 6))
     cli, out = run_validate(
@@ -249,6 +250,7 @@ def test_empty_calibration_set_is_a_clear_error(tmp_path):
         data.calib_dataloader()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_parses_and_its_class_paths_import(config, tmp_path):
     """Import-by-string rot check: every class_path in every shipped config resolves (no run, no download)."""
@@ -264,6 +266,7 @@ def test_every_config_parses_and_its_class_paths_import(config, tmp_path):
     assert printed["model"]["class_path"] == "lit_mpq.module.MPQModule"
 
 
+@pytest.mark.slow
 def test_validate_help_lists_typed_options():
     result = subprocess.run(
         [sys.executable, "cli.py", "validate", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -273,6 +276,7 @@ def test_validate_help_lists_typed_options():
     assert torch.__version__  # the CLI ran under the installed torch
 
 
+@pytest.mark.slow
 def test_probe_cache_hit_skips_probing_and_gives_the_same_table(tmp_path):
     edit = set_callback_arg(1, "cache_dir", str(tmp_path / "cache"))
     config = edited_config(tmp_path, "default.yaml", edit)

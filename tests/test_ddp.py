@@ -18,6 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+pytestmark = pytest.mark.slow
+
+
 def run_cli(tmp_path: Path, name: str, *extra: str) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [

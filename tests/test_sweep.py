@@ -71,6 +71,7 @@ def digits_sweep(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_sweep_points_budgets_and_files(digits_sweep):
     _, out, rows, _ = digits_sweep
     assert [(r["name"], r["kind"]) for r in rows] == [
@@ -89,6 +90,7 @@ def test_sweep_points_budgets_and_files(digits_sweep):
     assert float(budget["energy_uj"]) == pytest.approx(results["energy"]["total_uj_per_image"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_infeasible_budget_is_skipped_and_listed(digits_sweep):
     _, out, _, printed = digits_sweep
     assert "budget_00 skipped" in printed
@@ -96,6 +98,7 @@ def test_infeasible_budget_is_skipped_and_listed(digits_sweep):
     assert "Skipped, no allocation meets the budget (1):" in md and "- budget_00:" in md
 
 
+@pytest.mark.slow
 def test_sweep_csv_in_percent_without_float32_noise(digits_sweep):
     _, _, rows, _ = digits_sweep
     fp32 = float(rows[0]["top1_fp32"])
@@ -110,6 +113,7 @@ def test_sweep_csv_in_percent_without_float32_noise(digits_sweep):
         assert row["pareto"] in ("True", "False")
 
 
+@pytest.mark.slow
 def test_sweep_writes_and_prints_its_table(digits_sweep):
     _, out, rows, printed = digits_sweep
     md = (out / "pareto.md").read_text()
@@ -122,6 +126,7 @@ def test_sweep_writes_and_prints_its_table(digits_sweep):
         assert (out / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_each_point_is_its_own_tensorboard_run_and_the_config_keeps_its_own(digits_sweep):
     run, out, rows, _ = digits_sweep
     config = tensorboard_run(run)
@@ -141,6 +146,7 @@ def test_each_point_is_its_own_tensorboard_run_and_the_config_keeps_its_own(digi
         assert (out / row["name"] / "card.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_an_error_stops_the_sweep_and_the_rows_done_stay_on_disk(tmp_path, monkeypatch, capsys):
     from lit_mpq.allocation import Uniform
 

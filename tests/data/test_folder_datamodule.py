@@ -263,6 +263,7 @@ def _cifar_png_folder(root, images, labels):
     (root / "classes.txt").write_text("\n".join(CIFAR10_CLASSES) + "\n")
 
 
+@pytest.mark.slow
 def test_cifar_pngs_through_a_folder_match_the_npz(tmp_path, shared_data):
     """The 1k lossless CIFAR-10 test images as PNG folders: same pixels as the npz, and ResNet-20's 915/1000."""
     from lit_mpq.models import create_backbone

@@ -54,13 +54,14 @@ def build(config: str, out: Path, metric: str, policy: Policy, first_last_bits: 
 def evaluate(config: str, out: Path, metric: str, policy: Policy, first_last_bits: int | None = None) -> dict:
     cli = build(config, out, metric, policy, first_last_bits)
     metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
+    sensitivity = cli.model.record.sensitivity
     return {
-        "top1": 100 * metrics["val/top1"],
+        "top1": metrics["val/top1"],  # percent
         "energy": metrics["energy/analytic_uj_per_image"],
         "avg_w": metrics["bits/avg_weight"],
         "avg_a": metrics["bits/avg_act"],
-        "probe_s": cli.model.results.get("sensitivity", {}).get("seconds", float("nan")),
-        "cache": cli.model.results.get("sensitivity", {}).get("cache"),
+        "probe_s": sensitivity.seconds if sensitivity is not None else float("nan"),
+        "cache": sensitivity.cache if sensitivity is not None else None,
     }
 
 

@@ -64,8 +64,8 @@ def run(config: str, policy: Policy, calibration: dict, out: Path) -> dict:
     start = time.perf_counter()
     metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
     return {
-        "top1": 100 * metrics["val/top1"],
-        "top1_fp32": 100 * metrics["val/top1_fp32"],
+        "top1": metrics["val/top1"],  # percent
+        "top1_fp32": metrics["val/top1_fp32"],
         "energy_uj": metrics["energy/analytic_uj_per_image"],
         "rel_int8": metrics["energy/relative_to_int8"],
         "avg_w": metrics["bits/avg_weight"],

@@ -51,6 +51,14 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
 }
 
+SUBCOMMAND_DESCRIPTIONS = {
+    "validate": "lit_mpq validate: calibrate, probe, allocate bit widths, evaluate the quantized model next to FP32 "
+    "and report its energy, as the config's callbacks say.",
+    "sweep": "lit_mpq sweep: probe once, then allocate and evaluate many energy budgets and baselines (the "
+    "accuracy-energy frontier).",
+    "fit": "lit_mpq fit: train the backbone in FP32 (how the embedded default's checkpoint is made).",
+}
+
 REFUSED_SUBCOMMANDS = {
     "test": "lit_mpq quantizes during `validate`; `test` would evaluate the float model and report it as quantized",
     "predict": "lit_mpq quantizes during `validate`; `predict` would run the float model",
@@ -204,7 +212,18 @@ def _build(argv: list[str], run: bool) -> MPQCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=NoOverwriteSaveConfig,
         save_config_kwargs={"overwrite": True},  # the callback itself refuses another run's folder
-        parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "exit_on_error": False,
+            **{
+                name: {
+                    "description": text,
+                    "exit_on_error": False,
+                    "usage": f"python cli.py {name} --config CONFIG [options]",
+                }
+                for name, text in SUBCOMMAND_DESCRIPTIONS.items()
+            },
+        },
         args=argv if argv != sys.argv[1:] else None,
         run=run,
     )

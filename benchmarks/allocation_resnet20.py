@@ -28,6 +28,15 @@ A_CANDIDATES = [3, 4, 6, 8]
 PROBE_BITS = sorted(set(W_CANDIDATES) | set(A_CANDIDATES))
 
 
+def fresh_run_dir(out: Path) -> Path:
+    """The next unused ``out/run_<k>`` folder."""
+    k = 0
+    while (out / f"run_{k}").exists():
+        k += 1
+    (out / f"run_{k}").mkdir(parents=True)
+    return out / f"run_{k}"
+
+
 def build(config: str, out: Path, metric: str, policy: Policy, first_last_bits: int | None):
     cli = cli_main(
         [
@@ -36,7 +45,7 @@ def build(config: str, out: Path, metric: str, policy: Policy, first_last_bits: 
             "--trainer.logger=false",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={out}",
+            f"--trainer.default_root_dir={fresh_run_dir(out)}",  # one folder per run: runs never share results
             "--model.init_args.fp32_reference=false",
         ],
         run=False,

@@ -44,6 +44,15 @@ ROWS: list[tuple[str, Policy, dict]] = [
 ]
 
 
+def fresh_run_dir(out: Path) -> Path:
+    """The next unused ``out/run_<k>`` folder."""
+    k = 0
+    while (out / f"run_{k}").exists():
+        k += 1
+    (out / f"run_{k}").mkdir(parents=True)
+    return out / f"run_{k}"
+
+
 def run(config: str, policy: Policy, calibration: dict, out: Path) -> dict:
     cli = cli_main(
         [
@@ -52,7 +61,7 @@ def run(config: str, policy: Policy, calibration: dict, out: Path) -> dict:
             "--trainer.logger=false",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={out}",
+            f"--trainer.default_root_dir={fresh_run_dir(out)}",  # one folder per run: runs never share results
         ],
         run=False,
     )

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _runs import fresh_run_dir
 
 from lit_mpq.allocation import ExactAllocation, Policy, RandomAllocation, SensitivityPercentile, Uniform
 from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe
@@ -26,15 +27,6 @@ from lit_mpq.quant import quantizers_mode
 W_CANDIDATES = [2, 3, 4, 6, 8]
 A_CANDIDATES = [3, 4, 6, 8]
 PROBE_BITS = sorted(set(W_CANDIDATES) | set(A_CANDIDATES))
-
-
-def fresh_run_dir(out: Path) -> Path:
-    """The next unused ``out/run_<k>`` folder."""
-    k = 0
-    while (out / f"run_{k}").exists():
-        k += 1
-    (out / f"run_{k}").mkdir(parents=True)
-    return out / f"run_{k}"
 
 
 def build(config: str, out: Path, metric: str, policy: Policy, first_last_bits: int | None):

@@ -17,6 +17,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+from _runs import fresh_run_dir
+
 from lit_mpq.allocation import Policy, SensitivityPercentile, Uniform
 from lit_mpq.callbacks import BitAllocator, Calibration
 from lit_mpq.cli import main as cli_main
@@ -42,15 +44,6 @@ ROWS: list[tuple[str, Policy, dict]] = [
         {**NO_BC, "act_observer": "minmax"},
     ),
 ]
-
-
-def fresh_run_dir(out: Path) -> Path:
-    """The next unused ``out/run_<k>`` folder."""
-    k = 0
-    while (out / f"run_{k}").exists():
-        k += 1
-    (out / f"run_{k}").mkdir(parents=True)
-    return out / f"run_{k}"
 
 
 def run(config: str, policy: Policy, calibration: dict, out: Path) -> dict:

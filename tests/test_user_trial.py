@@ -463,6 +463,7 @@ def test_the_infeasible_budget_message_gives_a_minimum_that_can_be_copied_back(t
 
     config = _exact_digits(tmp_path)
     error = assert_clean_failure(cli("validate", "--config", str(config), "--budget=0.01xW4A4"), "energy_ratio=")
+    assert not list(tmp_path.rglob("sensitivity.json")), "feasibility is known at setup: no calibration or probe"
     minimum = re.search(r"energy_ratio=([0-9.]+)", error).group(1)
     again = cli("validate", "--config", str(config), f"--budget={minimum}xW4A4")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -24,14 +24,15 @@ class Policy(ABC):
     overrides_pins: bool = False
     """True when the policy's decision also replaces pinned layers (re-applying a saved plan)."""
 
-    def check_plan(self, plan: QuantPlan) -> None:  # noqa: B027 - an optional hook: most policies have nothing to check
+    def check_plan(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> None:  # noqa: B027 - optional
         """Check the policy against the model's layers as soon as they are known, before calibration and probing.
 
         ``BitAllocator.setup`` calls it, so that a configuration error surfaces before any expensive work. The
         default checks nothing.
 
         Args:
-            plan: The model's measured layers (no sensitivities yet).
+            plan: The model's measured layers, pins applied (no sensitivities yet).
+            energy_model: The run's energy model, for budget checks.
 
         Raises:
             ValueError: If the policy cannot apply to this model.

@@ -292,6 +292,23 @@ class ExactAllocation(Policy):
         return constraints
 
     # ------------------------------------------------------------------------------------------------ policy
+    def check_plan(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> None:
+        """Fail before calibration and probing when no allocation can meet the budgets.
+
+        Whether a budget can be met depends only on the layers, the pins, the candidates and the energy model, not
+        on the sensitivities, so a feasibility solve (zero objective) answers it at setup.
+
+        Raises:
+            InfeasibleBudgetError: With the smallest achievable value of each budget, ready to copy back.
+        """
+        energy_model = energy_model if energy_model is not None else HorowitzEnergyModel()
+        names = [name for name in plan if not plan[name].pinned]
+        constraints = self._constraints(plan, names, energy_model)
+        try:
+            solve_multiple_choice(np.zeros((len(names), len(self.options))), constraints)
+        except InfeasibleBudgetError as err:
+            raise InfeasibleBudgetError(f"{self.describe()} over {len(names)} free layers: {err}") from None
+
     def allocate(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> Allocation:
         """The optimal bits of every non-pinned layer; pinned layers keep theirs and count towards the budgets.
 

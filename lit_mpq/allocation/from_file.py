@@ -99,7 +99,7 @@ class FromFile(Policy):
         self.bits = read_allocation(path)
         """The file's allocation, read once: the run applies what the file said when the run began."""
 
-    def check_plan(self, plan: QuantPlan) -> None:
+    def check_plan(self, plan: QuantPlan, energy_model: object = None) -> None:
         """Check that the file names exactly the model's quantized layers (in any order).
 
         Raises:

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_mpq.allocation import BitOverride, Policy, Uniform, match_overrides, pin_layers
+from lit_mpq.allocation import BitOverride, Policy, Uniform, pin_layers
 from lit_mpq.bits import validate_bits
 from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, run_dir, timer
 from lit_mpq.callbacks.calibration import Calibration
@@ -85,8 +85,8 @@ class BitAllocator(Callback):
         # Calibration.setup (earlier in the list) has built the plan: check the configuration against the model
         # now, so that a typo fails in seconds rather than after calibration and probing.
         plan = require_plan(pl_module, "BitAllocator")
-        match_overrides(plan, self.overrides)
-        self.policy.check_plan(plan)
+        pin_layers(plan, self.first_last_bits, self.overrides)  # the same pins on_validation_start applies
+        self.policy.check_plan(plan, energy_model_of(trainer))
         self._done = False  # each validation run allocates with the policy set now
 
     @override

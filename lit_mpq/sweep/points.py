@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from lit_mpq.allocation import ExactAllocation, Policy, RandomAllocation, SensitivityPercentile, Uniform
 from lit_mpq.allocation.exact import parse_uniform_setting
+from lit_mpq.bits import validate_candidates
 from lit_mpq.energy import EnergyModel, uniform_energy
-from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.plan import QuantPlan
 
 __all__ = ["CONFIG_POINT", "SweepPoint", "SweepSettings", "budget_ratios", "energy_span", "sweep_points"]
 
@@ -40,10 +41,7 @@ def _bit_list(values: Sequence[int] | None, what: str) -> tuple[int, ...] | None
         return None
     if not values:
         raise ValueError(f"sweep {what} must list at least one bit width, e.g. [4, 6, 8], or be null (the probe's)")
-    for bits in values:
-        if validate_bits(bits, f"sweep {what}") is None:
-            raise ValueError(f"sweep {what} must be integer bit widths; FP32 (null) is not a candidate")
-    return tuple(sorted(set(values)))
+    return tuple(validate_candidates(values, f"sweep {what}"))
 
 
 @dataclass(frozen=True)

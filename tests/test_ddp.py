@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,14 +22,25 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_cli(tmp_path: Path, name: str, *extra: str) -> Path:
+def config_with_cache(tmp_path: Path, cache_dir: Path | None) -> Path:
+    """The default config with the probe cache in ``cache_dir`` (None: off), so each run's probing is under control."""
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("SensitivityProbe"):
+            callback.setdefault("init_args", {})["cache_dir"] = None if cache_dir is None else str(cache_dir)
+    path = tmp_path / f"default_cache_{'off' if cache_dir is None else cache_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(tmp_path: Path, name: str, *extra: str, cache_dir: Path | None = None) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [
         sys.executable,
         "cli.py",
         "validate",
         "--config",
-        "configs/default.yaml",
+        str(config_with_cache(tmp_path, cache_dir)),
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--trainer.logger.init_args.name={name}",
         "--trainer.logger.init_args.version=0",
@@ -45,10 +57,27 @@ def run_cli(tmp_path: Path, name: str, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    single = run_cli(tmp, "single", "--trainer.accelerator=cpu", "--trainer.devices=1")
+    # Every rank probes for itself here (cache off on the two-device run), so equal plans mean equal probing.
+    single = run_cli(tmp, "single", "--trainer.accelerator=cpu", "--trainer.devices=1", cache_dir=tmp / "cache")
     double = run_cli(tmp, "ddp", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp")
     again = run_cli(tmp, "single_again", "--trainer.accelerator=cpu", "--trainer.devices=1")
     return single, double, again
+
+
+def test_a_one_device_probe_cache_serves_a_two_device_run(runs, tmp_path_factory):
+    single, _, _ = runs
+    assert results(single)["sensitivity"]["cache"] == "miss"
+    cached = run_cli(
+        single.parents[1],
+        "ddp_cached",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        cache_dir=single.parents[1] / "cache",
+    )
+    assert results(cached)["sensitivity"]["cache"] == "hit"
+    assert results(cached)["sensitivity"]["cache_key"] == results(single)["sensitivity"]["cache_key"]
+    assert (cached / "plan.yaml").read_bytes() == (single / "plan.yaml").read_bytes()
 
 
 def results(run: Path) -> dict:

@@ -72,8 +72,9 @@ class Observer(nn.Module):
         return qparams_from_range(low, high, bits, self.symmetric)
 
     def _update_min_max(self, x: Tensor) -> None:
-        self.min_val.copy_(torch.minimum(self.min_val, x.min().float()))
-        self.max_val.copy_(torch.maximum(self.max_val, x.max().float()))
+        low, high = torch.aminmax(x)  # one pass over x instead of two; NaN propagates as with min() and max()
+        self.min_val.copy_(torch.minimum(self.min_val, low.float()))
+        self.max_val.copy_(torch.maximum(self.max_val, high.float()))
 
 
 class MinMaxObserver(Observer):

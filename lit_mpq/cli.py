@@ -197,12 +197,19 @@ def main(args: list[str] | None = None, run: bool = True) -> MPQCLI | None:
 
 
 def _build(argv: list[str], run: bool) -> MPQCLI:
-    if sys.argv[1:] and argv != sys.argv[1:]:  # called from Python (tests, notebooks): Lightning warns otherwise
-        saved, sys.argv = sys.argv, sys.argv[:1]
-        try:
-            return _build(argv, run)
-        finally:
-            sys.argv = saved
+    # Called from Python (tests, notebooks) the arguments come in argv, and Lightning warns when sys.argv holds others;
+    # from the command line sys.argv stays whole, since DDP relaunches the other ranks from it.
+    from_python = argv != sys.argv[1:]
+    saved = sys.argv
+    if from_python:
+        sys.argv = saved[:1]
+    try:
+        return _cli(argv if from_python else None, run)
+    finally:
+        sys.argv = saved
+
+
+def _cli(args: list[str] | None, run: bool) -> MPQCLI:
     return MPQCLI(
         MPQModule,
         ClassificationDataModule,
@@ -224,7 +231,7 @@ def _build(argv: list[str], run: bool) -> MPQCLI:
                 for name, text in SUBCOMMAND_DESCRIPTIONS.items()
             },
         },
-        args=argv if argv != sys.argv[1:] else None,
+        args=args,
         run=run,
     )
 

@@ -326,7 +326,7 @@ def test_shortcuts_change_budget_policy_and_bits_without_copying_the_yaml(tmp_pa
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def _folder_config(tmp_path: Path, shared: Path, root: Path, backbone: str, checkpoint: str | None, **data) -> Path:
+def _folder_config(tmp_path: Path, root: Path, backbone: str, checkpoint: str | None, **data) -> Path:
     def edit(config: dict) -> None:
         config["model"]["init_args"].update(backbone=backbone, checkpoint_path=checkpoint, pretrained=False)
         config["data"] = {
@@ -348,6 +348,14 @@ def _folder_config(tmp_path: Path, shared: Path, root: Path, backbone: str, chec
     return config_with(tmp_path, "default.yaml", edit, "folder.yaml")
 
 
+def _cifar_folder_config(tmp_path: Path, shared: Path, root: Path, **data) -> Path:
+    """ResNet-20 on a CIFAR-10 class folder, labels mapped through a 10-line class list."""
+    classes = tmp_path / "cifar10_classes.txt"
+    classes.write_text("\n".join(CIFAR_CLASSES) + "\n")
+    checkpoint = str(shared / "cifar10_resnet20.pt")
+    return _folder_config(tmp_path, root, "cifar_resnet20", checkpoint, classes_file=str(classes), **data)
+
+
 def _write_cifar_folder(root: Path, shared: Path, classes: list[str], per_class: int = 2) -> None:
     from PIL import Image
 
@@ -365,24 +373,14 @@ def _write_cifar_folder(root: Path, shared: Path, classes: list[str], per_class:
 def test_a_folder_whose_classes_do_not_match_the_model_is_refused(tmp_path: Path, shared_data: Path) -> None:
     root = tmp_path / "one_class"
     _write_cifar_folder(root, shared_data, ["cat"], per_class=4)
-    config = _folder_config(tmp_path, shared_data, root, "cifar_resnet20", str(shared_data / "cifar10_resnet20.pt"))
+    config = _folder_config(tmp_path, root, "cifar_resnet20", str(shared_data / "cifar10_resnet20.pt"))
     assert_clean_failure(cli("validate", "--config", str(config)), "classes_file")
 
 
 def test_a_class_list_maps_folders_to_the_model_labels(tmp_path: Path, shared_data: Path) -> None:
     root = tmp_path / "two_classes"
     _write_cifar_folder(root, shared_data, ["ship", "truck"], per_class=6)
-    classes = tmp_path / "cifar10_classes.txt"
-    classes.write_text("\n".join(CIFAR_CLASSES) + "\n")
-    config = _folder_config(
-        tmp_path,
-        shared_data,
-        root,
-        "cifar_resnet20",
-        str(shared_data / "cifar10_resnet20.pt"),
-        classes_file=str(classes),
-        num_calibration_samples=8,
-    )
+    config = _cifar_folder_config(tmp_path, shared_data, root, num_calibration_samples=8)
     result = cli("validate", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run_folder(tmp_path) / "results.json").read_text())
@@ -395,16 +393,7 @@ def test_an_undecodable_image_is_reported_with_its_file_name(tmp_path: Path, sha
     _write_cifar_folder(root, shared_data, CIFAR_CLASSES, per_class=1)
     broken = root / "val" / "cat" / "broken.png"
     broken.write_bytes((next((root / "val" / "dog").glob("*.png"))).read_bytes()[:60])
-    classes = tmp_path / "cifar10_classes.txt"
-    classes.write_text("\n".join(CIFAR_CLASSES) + "\n")
-    config = _folder_config(
-        tmp_path,
-        shared_data,
-        root,
-        "cifar_resnet20",
-        str(shared_data / "cifar10_resnet20.pt"),
-        classes_file=str(classes),
-    )
+    config = _cifar_folder_config(tmp_path, shared_data, root)
     assert_clean_failure(cli("validate", "--config", str(config)), "broken.png")
 
 
@@ -432,7 +421,6 @@ def test_no_layer_is_left_in_float_silently(
     root = _imagenet_folder(tmp_path, shared_data)
     config = _folder_config(
         tmp_path,
-        shared_data,
         root,
         backbone,
         None,

@@ -39,12 +39,16 @@ class LayerSpec:
 
     Attributes:
         name: Fully qualified module name, the key everywhere.
-        kind: ``"conv2d"`` or ``"linear"``.
-        params: Number of weights (bias excluded: biases stay in 32 bits).
+        kind: ``"conv2d"``, ``"linear"`` or ``"matmul"`` (a product of two activations: an attention's q·kᵀ or
+            softmax·V).
+        params: Number of weights (bias excluded: biases stay in 32 bits); 0 for a matmul, which stores none.
         macs: Multiply-accumulates per image.
-        act_in: Input activation elements per image.
+        act_in: Input activation elements per image (a matmul's left operand: q, or the softmax output).
         act_out: Output activation elements per image.
-        weight_shape: Shape of the weight tensor.
+        weight_shape: Shape of the weight tensor (empty for a matmul).
+        act_other: Elements per image of a matmul's right-hand operand (k or v), 0 for a weight layer. A matmul row's
+            ``w_bits`` is that operand's bit width: it plays the part a weight plays in a Linear (the stationary
+            operand of the product), but it is an activation, read per image and never stored.
     """
 
     name: str
@@ -54,6 +58,7 @@ class LayerSpec:
     act_in: int
     act_out: int
     weight_shape: tuple[int, ...] = ()
+    act_other: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form for YAML/JSON."""
@@ -72,6 +77,7 @@ class LayerSpec:
             act_in=int(data["act_in"]),
             act_out=int(data["act_out"]),
             weight_shape=tuple(int(d) for d in data.get("weight_shape", ())),
+            act_other=int(data.get("act_other", 0)),
         )
 
 
@@ -212,9 +218,17 @@ class QuantPlan:
         return sum(spec.params * effective_bits(lp.w_bits) for spec, lp in self.items()) / max(total, 1)
 
     def average_act_bits(self) -> float:
-        """Input-element-weighted average activation bit width (FP32 inputs count as 32)."""
-        total = sum(spec.act_in for spec in self.specs.values())
-        return sum(spec.act_in * effective_bits(lp.a_bits) for spec, lp in self.items()) / max(total, 1)
+        """Element-weighted average activation bit width (FP32 inputs count as 32).
+
+        Every activation operand counts: layer inputs at ``a_bits`` and a matmul's right-hand operand at its
+        ``w_bits``.
+        """
+        total = sum(spec.act_in + spec.act_other for spec in self.specs.values())
+        bits = sum(
+            spec.act_in * effective_bits(lp.a_bits) + spec.act_other * effective_bits(lp.w_bits)
+            for spec, lp in self.items()
+        )
+        return bits / max(total, 1)
 
     def weight_size_mb(self) -> float:
         """Size of the quantized layers' weights in megabytes (10^6 bytes), at their allocated bit widths."""

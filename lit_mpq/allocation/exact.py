@@ -245,6 +245,7 @@ class ExactAllocation(Policy):
         params = np.array([spec.params for spec in free], dtype=np.float64)[:, None]
         macs = np.array([spec.macs for spec in free], dtype=np.float64)[:, None]
         act_in = np.array([spec.act_in for spec in free], dtype=np.float64)[:, None]
+        act_other = np.array([spec.act_other for spec in free], dtype=np.float64)[:, None]  # a matmul's k or v
         shape = (len(free), len(options))
         owner = type(self).__name__
         constraints = []
@@ -283,9 +284,13 @@ class ExactAllocation(Policy):
                 Constraint("avg_weight_bits", coeffs, self.avg_weight_bits, "bits", offset, "avg_weight_bits")
             )
         if self.avg_act_bits is not None:
-            total = max(sum(spec.act_in for spec in plan.specs.values()), 1)
-            offset = sum(spec.act_in * effective_bits(lp.a_bits) for spec, lp in pinned) / total
-            coeffs = act_in * a / total
+            total = max(sum(spec.act_in + spec.act_other for spec in plan.specs.values()), 1)
+            offset = sum(
+                spec.act_in * effective_bits(lp.a_bits) + spec.act_other * effective_bits(lp.w_bits)
+                for spec, lp in pinned
+            )
+            offset /= total
+            coeffs = (act_in * a + act_other * w) / total
             constraints.append(Constraint("avg_act_bits", coeffs, self.avg_act_bits, "bits", offset, "avg_act_bits"))
         for con in constraints:
             assert con.coeffs.shape == shape, (con.name, con.coeffs.shape, shape)

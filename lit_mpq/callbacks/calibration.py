@@ -30,6 +30,7 @@ from lit_mpq.callbacks._common import (
 )
 from lit_mpq.quant.apply import (
     QuantSettings,
+    apply_post_layernorm,
     invalidate_qparams,
     measure_model,
     quantize_model,
@@ -54,6 +55,12 @@ class Calibration(Callback):
         weight_granularity: ``"per_channel"`` or ``"per_tensor"``.
         bias_correction: Empirical bias correction of weight quantization (Nagel et al., ICCV 2019), from the
             same calibration pass.
+        attention: Quantize the two matmuls of every timm ``Attention`` (q·kᵀ and softmax·V become rows of the
+            plan: allocated, probed and costed like layers).
+        softmax_quantizer: Levels of the softmax output: ``"uniform"``, ``"log2"`` (FQ-ViT) or ``"log_sqrt2"``
+            (RepQ-ViT).
+        post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"``, or ``"reparam"`` (per-channel
+            ranges folded into the LayerNorm affine and the Linear, as in RepQ-ViT: per tensor at inference).
 
     Raises:
         ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
@@ -68,6 +75,9 @@ class Calibration(Callback):
         weight_observer: str = "minmax",
         weight_granularity: str = "per_channel",
         bias_correction: bool = False,
+        attention: bool = True,
+        softmax_quantizer: str = "uniform",
+        post_layernorm: str = "per_tensor",
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -79,6 +89,9 @@ class Calibration(Callback):
             act_symmetric=act_symmetric,
             percentile=percentile,
             bias_correction=bias_correction,
+            attention=attention,
+            softmax_quantizer=softmax_quantizer,
+            post_layernorm=post_layernorm,
         )
         self._calibrated = False
         self.image_digests: list[bytes] = []
@@ -91,7 +104,10 @@ class Calibration(Callback):
         quantize_model(pl_module.model, self.settings)
         size = getattr(trainer.datamodule, "input_size", None) or pl_module.input_size
         device = next(pl_module.parameters()).device
-        pl_module.plan = measure_model(pl_module.model, torch.zeros(1, *size, device=device))
+        example = torch.zeros(1, *size, device=device)
+        pl_module.plan = measure_model(pl_module.model, example)
+        if self.settings.post_layernorm == "reparam":
+            apply_post_layernorm(pl_module.model, example)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

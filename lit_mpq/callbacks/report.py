@@ -22,6 +22,7 @@ from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before
 from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.quant.apply import quant_layers
+from lit_mpq.quant.attention import is_quant_matmul
 from lit_mpq.report import (
     bit_distribution_pie,
     bit_width_figure,
@@ -126,8 +127,12 @@ class Report(Callback):
     def _activation_qparams(pl_module: pl.LightningModule) -> dict[str, Any]:
         """Each layer's input-observer range and, at its allocated bits, scale and zero point (for audits)."""
         table = {}
+        quantizers = []
         for name, layer in quant_layers(pl_module.model).items():
-            quantizer = layer.input_quantizer
+            quantizers.append((name, layer.input_quantizer))
+            if is_quant_matmul(layer):  # its right-hand operand (k or v) is an activation too
+                quantizers.append((f"{name} (right operand)", layer.other_quantizer))
+        for name, quantizer in quantizers:
             row: dict[str, Any] = {
                 "observer": type(quantizer.observer).__name__,
                 "min": float(quantizer.observer.min_val),
@@ -136,7 +141,9 @@ class Report(Callback):
             }
             if quantizer.bits is not None and quantizer.observer.has_data:
                 scale, zero_point = quantizer.qparams(quantizer.bits)
-                row["scale"], row["zero_point"] = float(scale), int(zero_point)
+                # One value per tensor, or one per channel (per-channel activation quantizers)
+                row["scale"] = float(scale) if scale.numel() == 1 else scale.flatten().tolist()
+                row["zero_point"] = int(zero_point) if zero_point.numel() == 1 else zero_point.flatten().tolist()
             table[name] = row
         return table
 

@@ -12,7 +12,9 @@ The model, for a plan with layers ``l``::
 * ``E_MAC(b_w, b_a) = (E_mult8 + E_add8) * b_w * b_a / 64`` for an integer MAC (0.23 pJ at W8A8, proportional
   to ``b_w * b_a``); an FP32 MAC (``E_fp32_mult + E_fp32_add``, 4.6 pJ) when either operand is not quantized.
 * Weights are fetched from DRAM once per image (batch-1 inference): ``params * b_w * E_dram_bit``.
-* Input activations are read once per image at their bit width: ``act_in * b_a * E_dram_bit``.
+* Input activations are read once per image at their bit width: ``act_in * b_a * E_dram_bit``. An attention
+  matmul (``kind="matmul"``) stores no weights; both of its operands are activations read per image:
+  ``(act_in * b_a + act_other * b_w) * E_dram_bit``, where ``b_w`` is the bit width of its right-hand operand.
 
 ``None`` as a bit width means "not quantized": the tensor is FP32 and is counted as 32 bits. See
 ``docs/energy_model.md`` for the assumptions and a worked example.
@@ -226,14 +228,16 @@ def _dram_layer_terms(
         dram_pj_per_bit: Energy to move one bit from DRAM, pJ.
 
     Returns:
-        ``EnergyTerms(macs * mac_pj, params * w_bits * E_bit, act_in * a_bits * E_bit)``, pJ per image.
+        ``EnergyTerms(macs * mac_pj, params * w_bits * E_bit, (act_in * a_bits + act_other * w_bits) * E_bit)``,
+        pJ per image (``act_other`` is a matmul's right-hand operand; 0 for weight layers).
     """
     w_eff = FLOAT_BITS if w_bits is None else w_bits
     a_eff = FLOAT_BITS if a_bits is None else a_bits
     return EnergyTerms(
         mac_pj=spec.macs * mac_pj,
         weight_mem_pj=spec.params * w_eff * dram_pj_per_bit,
-        act_mem_pj=spec.act_in * a_eff * dram_pj_per_bit,
+        # A matmul's right-hand operand (k, v) is an activation too: read per image at its (w_bits) width.
+        act_mem_pj=(spec.act_in * a_eff + spec.act_other * w_eff) * dram_pj_per_bit,
     )
 
 
@@ -264,13 +268,13 @@ class PerMacEnergyModel(EnergyModel):
         """Energy of ``spec`` per image (pJ) with ``w_bits``-bit weights and ``a_bits``-bit inputs.
 
         Args:
-            spec: The layer (``params``, ``macs`` and ``act_in`` per image are used).
+            spec: The layer (``params``, ``macs``, ``act_in`` and ``act_other`` per image are used).
             w_bits: Weight bit width, or ``None`` for FP32 weights (counted as 32 bits).
             a_bits: Input-activation bit width, or ``None`` for FP32 inputs (counted as 32 bits).
 
         Returns:
             ``EnergyTerms(mac_pj=macs * E_MAC, weight_mem_pj=params * w_bits * E_bit,
-            act_mem_pj=act_in * a_bits * E_bit)``.
+            act_mem_pj=(act_in * a_bits + act_other * w_bits) * E_bit)``.
 
         Raises:
             ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
@@ -284,8 +288,9 @@ class HorowitzEnergyModel(PerMacEnergyModel):
     An integer MAC costs ``(mult8_pj + add8_pj) * w_bits * a_bits / 64`` (0.23 pJ at W8A8; the multiplier's
     area and energy grow with the product of the operand widths). A MAC with an FP32 operand costs
     ``fp32_mult_pj + fp32_add_pj``. Weights are fetched once per image (batch-1 inference) and input
-    activations read once, both at ``dram_pj_per_bit`` per bit. Biases and operations that are not quantized
-    (pooling, softmax, attention matmuls, normalisation) are not counted.
+    activations read once, both at ``dram_pj_per_bit`` per bit. Attention matmuls are rows of the plan like any
+    layer (MACs at their operands' widths, both operands read per image); biases and operations that are not
+    quantized (pooling, softmax, normalisation) are not counted.
 
     Args:
         mult8_pj: Energy of an 8-bit integer multiply, pJ.

@@ -2,7 +2,8 @@
 
 ``quantize_model`` follows torchao's ``quantize_``: it walks the model in place and replaces every
 ``nn.Conv2d`` / ``nn.Linear`` (subclasses included) selected by ``filter_fn(module, fqn)`` with its fake-quantized
-twin, sharing the parameters. ``measure_model`` runs one dummy forward and returns the model's
+twin, sharing the parameters, and every timm ``Attention`` with a twin whose two matmuls (q·kᵀ and softmax·V) are
+quantized (:mod:`lit_mpq.quant.attention`). ``measure_model`` runs one dummy forward and returns the model's
 :class:`~lit_mpq.plan.QuantPlan`: each quantized layer's :class:`~lit_mpq.plan.LayerSpec` (MACs, activation sizes),
 the layers that see the input first and the classifier heads, and every weight layer left in floating point with the
 reason (layers the forward never calls are swapped back to float on the way). ``apply_plan`` pushes a plan's bit
@@ -11,6 +12,7 @@ widths into the quantizers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from lit_mpq.plan import LayerSpec, QuantPlan
+from lit_mpq.quant.attention import (
+    QuantMatmul,
+    is_quant_attention,
+    is_quant_matmul,
+    is_supported_attention,
+    quantize_attention,
+)
 from lit_mpq.quant.modules import (
     ActivationQuantizer,
     QuantLayerMixin,
@@ -28,6 +37,7 @@ from lit_mpq.quant.modules import (
     unsupported_reason,
 )
 from lit_mpq.quant.observers import build_observer
+from lit_mpq.quant.softmax import SOFTMAX_QUANTIZERS, build_softmax_quantizer
 from lit_mpq.quant.weights import GRANULARITIES, WEIGHT_METHODS
 
 
@@ -43,6 +53,14 @@ class QuantSettings:
         act_symmetric: Signed symmetric activation range; asymmetric (unsigned with zero point) otherwise.
         percentile: Percentile kept by the ``"percentile"`` activation observer.
         bias_correction: Correct the output shift caused by weight quantization with calibration statistics.
+        attention: Quantize the two matmuls of every timm ``Attention`` (q, k, v and the softmax output become
+            tensors of the plan).
+        softmax_quantizer: Levels for the softmax output: ``"uniform"`` (the activation observer's range),
+            ``"log2"`` (FQ-ViT) or ``"log_sqrt2"`` (RepQ-ViT); see :mod:`lit_mpq.quant.softmax`.
+        post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"`` like every other input, or
+            ``"reparam"``: per-channel ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
+            :mod:`lit_mpq.quant.layernorm`), per tensor at inference. Applied by :func:`apply_post_layernorm`,
+            which needs a forward pass.
     """
 
     weight_granularity: str = "per_channel"
@@ -52,6 +70,9 @@ class QuantSettings:
     act_symmetric: bool = False
     percentile: float = 99.99
     bias_correction: bool = False
+    attention: bool = True
+    softmax_quantizer: str = "uniform"
+    post_layernorm: str = "per_tensor"
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in GRANULARITIES:
@@ -61,7 +82,23 @@ class QuantSettings:
         if self.weight_observer not in WEIGHT_METHODS:
             raise ValueError(f"weight_observer {self.weight_observer!r} unknown; choose one of {list(WEIGHT_METHODS)}")
         build_observer(self.act_observer, self.act_symmetric, self.percentile)  # validates name and percentile
+        if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
+            raise ValueError(
+                f"softmax_quantizer {self.softmax_quantizer!r} is not known; choose one of {list(SOFTMAX_QUANTIZERS)}"
+            )
 
+        if self.post_layernorm not in POST_LAYERNORM:
+            raise ValueError(
+                f"post_layernorm {self.post_layernorm!r} is not known; choose one of {list(POST_LAYERNORM)}"
+            )
+
+    def activation_quantizer(self) -> ActivationQuantizer:
+        """A fresh activation quantizer with these settings' observer."""
+        return ActivationQuantizer(build_observer(self.act_observer, self.act_symmetric, self.percentile))
+
+
+POST_LAYERNORM = ("per_tensor", "reparam")
+"""Treatments of post-LayerNorm activations accepted in configs."""
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -116,15 +153,17 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
 
     Subclasses get a twin of their own class that reproduces their forward (see
     :func:`~lit_mpq.quant.modules.quant_class`). Already-quantized layers are left alone, so the call is idempotent.
+    With ``settings.attention``, every timm ``Attention`` (selected by ``filter_fn`` too, when one is given) gets
+    quantized matmuls ``<fqn>.matmul_qk`` and ``<fqn>.matmul_av`` (:mod:`lit_mpq.quant.attention`).
 
     Args:
         model: The float model.
         settings: Quantizer settings for all layers.
         filter_fn: ``filter_fn(module, fqn) -> bool`` selecting layers; default :func:`default_filter`: every
-            Conv2d / Linear (and subclass) that lit_mpq can quantize.
+            Conv2d / Linear (and subclass) that lit_mpq can quantize, and every supported attention.
 
     Returns:
-        Fully qualified names of the quantized layers, in model order.
+        Fully qualified names of the quantized layers and matmuls, in model order.
 
     Raises:
         ValueError: If ``filter_fn`` selects a layer that cannot be quantized (the reason is in the message).
@@ -151,6 +190,22 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
         if settings.bias_correction:
             layer.enable_bias_correction()
         _replace(model, name, layer)
+    if settings.attention:
+        attentions = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and is_supported_attention(module) and (filter_fn is default_filter or filter_fn(module, name))
+        ]
+        for name, module in attentions:
+            twin = quantize_attention(
+                module,
+                settings.activation_quantizer,
+                lambda: build_softmax_quantizer(
+                    settings.softmax_quantizer,
+                    lambda: build_observer(settings.act_observer, settings.act_symmetric, settings.percentile),
+                ),
+            )
+            _replace(model, name, twin)
     return quant_layer_names(model)
 
 
@@ -160,9 +215,74 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
-    """``{fqn: layer}`` for every fake-quantized layer, in model order."""
-    return {name: module for name, module in model.named_modules() if is_quant_layer(module)}
+def _hooked_eval_forward(model: nn.Module, example_input: Tensor, handles: list) -> None:
+    """One eval-mode forward with every quantizer off; removes ``handles`` and restores the training flag after."""
+    was_training = model.training
+    try:
+        with quantizers_mode(model, "off"):
+            model.eval()
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def post_layernorm_layers(model: nn.Module, example_input: Tensor) -> dict[str, str]:
+    """``{linear: layernorm}``: quantized Linear layers whose input is the output tensor of a ``nn.LayerNorm``.
+
+    Found with one eval forward pass (quantizers off) by tensor identity: the Linear receives the very tensor the
+    LayerNorm returned (timm's ``norm1 -> attn.qkv`` and ``norm2 -> mlp.fc1``).
+    """
+    outputs: dict[int, tuple[Tensor, str]] = {}
+    found: dict[str, str | None] = {}
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    linears = [(name, m) for name, m in model.named_modules() if is_quant_layer(m) and isinstance(m, nn.Linear)]
+
+    def norm_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            outputs[id(output)] = (output, name)  # the reference keeps the id from being reused by a later tensor
+
+        return hook
+
+    def linear_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            norm_output, norm = outputs.get(id(inputs[0]), (None, None))
+            found.setdefault(name, norm if norm_output is inputs[0] else None)
+
+        return hook
+
+    handles = [m.register_forward_hook(norm_hook(name)) for name, m in norms]
+    handles += [m.register_forward_pre_hook(linear_hook(name)) for name, m in linears]
+    _hooked_eval_forward(model, example_input, handles)
+    return {linear: norm for linear, norm in found.items() if norm is not None}
+
+
+def apply_post_layernorm(model: nn.Module, example_input: Tensor) -> list[str]:
+    """Give every Linear fed by a LayerNorm a per-channel input quantizer to fold (RepQ-ViT); returns their names.
+
+    The new quantizers have no statistics: call this before calibration. See :mod:`lit_mpq.quant.layernorm`.
+    """
+    from lit_mpq.quant.layernorm import ChannelwiseActivationQuantizer, ChannelwiseMinMaxObserver
+
+    names = list(post_layernorm_layers(model, example_input))
+    for name in names:
+        layer = model.get_submodule(name)
+        observer = ChannelwiseMinMaxObserver(layer.in_features, symmetric=layer.input_quantizer.symmetric)
+        layer.input_quantizer = ChannelwiseActivationQuantizer(observer, layer.input_quantizer.bits).to(
+            layer.weight.device
+        )
+    return names
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin | QuantMatmul]:
+    """``{fqn: layer}`` for every row of the plan: fake-quantized layers and attention matmuls, in model order.
+
+    Both kinds answer ``quantizer("w")`` / ``quantizer("a")`` and have an ``input_quantizer``; only layers have a
+    ``weight`` (:func:`is_quant_matmul` tells them apart).
+    """
+    return {name: module for name, module in model.named_modules() if is_quant_layer(module) or is_quant_matmul(module)}
 
 
 def quant_layer_names(model: nn.Module) -> list[str]:
@@ -192,6 +312,9 @@ def _trace(model: nn.Module, example_input: Tensor) -> _Trace:
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             trace.called.setdefault(name)
+            if is_quant_matmul(module):
+                _record_matmul(trace, name, inputs, output, batch)
+                return
             if not is_quant_layer(module):
                 return
             x = inputs[0]
@@ -228,26 +351,44 @@ def _trace(model: nn.Module, example_input: Tensor) -> _Trace:
     handles = [
         module.register_forward_hook(make_hook(name))
         for name, module in model.named_modules()
-        if name and is_weight_layer(module)
+        if name and (is_weight_layer(module) or is_quant_matmul(module))
     ]
-    was_training = model.training
-    try:
-        with quantizers_mode(model, "off"):
-            model.eval()
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _hooked_eval_forward(model, example_input, handles)
     return trace
+
+
+def _record_matmul(trace: _Trace, name: str, inputs: tuple[Tensor, ...], output: Tensor, batch: int) -> None:
+    """A matmul's spec: MACs ``out_elements * inner_dim``, its two operands' sizes, no weights."""
+    a, b = inputs[0], inputs[1]
+    out_per_image = output.numel() // batch
+    spec = LayerSpec(
+        name=name,
+        kind="matmul",
+        params=0,
+        macs=out_per_image * a.shape[-1],
+        act_in=a.numel() // batch,
+        act_out=out_per_image,
+        act_other=b.numel() // batch,
+    )
+    previous = trace.specs.get(name)
+    if previous is not None:  # called twice per forward: add up its work
+        spec = dataclasses.replace(
+            spec,
+            macs=spec.macs + previous.macs,
+            act_in=spec.act_in + previous.act_in,
+            act_out=spec.act_out + previous.act_out,
+            act_other=spec.act_other + previous.act_other,
+        )
+    trace.specs[name] = spec
 
 
 def measure_layers(model: nn.Module, example_input: Tensor) -> list[LayerSpec]:
     """Measure every fake-quantized layer with one forward pass of ``example_input`` (batch of 1 or more).
 
     MACs per image: Conv2d ``out_elements * in_channels / groups * kh * kw``, Linear
-    ``out_elements * in_features`` (tokens included, so a ViT's Linear counts every token). :func:`measure_model`
-    builds the whole plan and copes with layers that are never called; this function refuses them.
+    ``out_elements * in_features`` (tokens included, so a ViT's Linear counts every token), an attention matmul
+    ``out_elements * inner_dimension`` (``heads * N * N * head_dim`` for each of q·kᵀ and softmax·V).
+    :func:`measure_model` builds the whole plan and copes with layers that are never called; this function refuses them.
 
     Returns:
         One :class:`LayerSpec` per quantized layer, in model order.
@@ -288,12 +429,17 @@ def measure_model(model: nn.Module, example_input: Tensor) -> QuantPlan:
     """
     trace = _trace(model, example_input)
     for name, layer in quant_layers(model).items():
-        if name not in trace.specs:
+        if name not in trace.specs and not is_quant_matmul(layer):
             _replace(model, name, layer.to_float())
+    for name, module in list(model.named_modules()):
+        if is_quant_attention(module) and not {f"{name}.matmul_qk", f"{name}.matmul_av"} <= set(trace.specs):
+            _replace(model, name, module.to_float())  # an attention the eval forward never runs
     float_layers = {}
     for name, module in model.named_modules():
         if name and is_weight_layer(module) and not is_quant_layer(module):
             float_layers[name] = _float_reason(module, called=name in trace.called)
+        elif name and _has_float_matmuls(module):
+            float_layers[name] = _float_matmul_reason(module)
     names = quant_layer_names(model)
     order = [name for name in trace.called if name in trace.specs]  # quantized layers, in execution order
     return QuantPlan(
@@ -301,6 +447,25 @@ def measure_model(model: nn.Module, example_input: Tensor) -> QuantPlan:
         entry_layers=[name for name in order if name in trace.reads_input],
         exit_layers=_exit_layers(model, order),
         float_layers=float_layers,
+    )
+
+
+def _has_float_matmuls(module: nn.Module) -> bool:
+    """An attention module (by class name) whose matmuls are not quantized (MultiheadAttention is a weight layer)."""
+    return (
+        "Attention" in type(module).__name__
+        and not is_quant_attention(module)
+        and not isinstance(module, nn.MultiheadAttention)
+        and not any(is_quant_matmul(child) for child in module.children())
+    )
+
+
+def _float_matmul_reason(module: nn.Module) -> str:
+    if is_supported_attention(module):
+        return "attention matmuls (q·kᵀ, softmax·V) not quantized: QuantSettings.attention is off; left in FP32"
+    return (
+        f"attention matmuls (q·kᵀ, softmax·V) of {type(module).__name__} not quantized: lit_mpq reproduces timm's "
+        "Attention forward only; left in FP32 and not costed"
     )
 
 
@@ -387,7 +552,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
         )
     for name, layer in layers.items():
         decision = plan[name]
-        layer.weight_quantizer.bits = decision.w_bits
-        layer.input_quantizer.bits = decision.a_bits
-        layer.weight_quantizer.set_mode("quant")
-        layer.input_quantizer.set_mode("quant")
+        for kind, bits in (("w", decision.w_bits), ("a", decision.a_bits)):
+            quantizer = layer.quantizer(kind)
+            quantizer.bits = bits
+            quantizer.set_mode("quant")

@@ -59,12 +59,20 @@ def check_calibrated(model: nn.Module) -> None:
         NonFiniteError: If a layer's input held NaN or infinite values.
         ValueError: If a layer saw no calibration data at all.
     """
+    from lit_mpq.quant.attention import is_quant_matmul
     from lit_mpq.quant.modules import is_quant_layer
 
+    observed = []
     for name, layer in model.named_modules():
-        if not is_quant_layer(layer):
-            continue
-        observer = layer.input_quantizer.observer
+        if is_quant_layer(layer):
+            observed.append((name, layer.input_quantizer))
+        elif is_quant_matmul(layer):  # both operands are activations: "<matmul> (left/right operand)"
+            observed += [
+                (f"{name} (left operand)", layer.input_quantizer),
+                (f"{name} (right operand)", layer.other_quantizer),
+            ]
+    for name, quantizer in observed:
+        observer = quantizer.observer
         low, high = observer.min_val, observer.max_val
         if torch.isnan(low).any() or torch.isnan(high).any():
             raise NonFiniteError(

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from lit_mpq.quant.functional import fake_quantize, quant_range
+from lit_mpq.quant.functional import fake_quantize, qparams_from_range, quant_range
 from lit_mpq.quant.observers import Observer
 from lit_mpq.quant.weights import weight_qparams
 
@@ -131,11 +131,27 @@ class ActivationQuantizer(_Quantizer):
     def __init__(self, observer: Observer, bits: int | None = 8) -> None:
         super().__init__(bits, observer.symmetric)
         self.observer = observer
+        self.range_factors: dict[int, float] = {}
+        """``{bits: factor}``: the observer's clipping range at ``bits`` is multiplied by ``factor`` (set by a search
+        such as the ranking-aware refinement; 1 when absent)."""
+
+    def set_range_factor(self, bits: int, factor: float) -> None:
+        """Scale the clipping range used at ``bits`` by ``factor`` (> 0); forgets the cached parameters."""
+        if not factor > 0:
+            raise ValueError(f"a range factor must be positive, got {factor}")
+        self.range_factors[bits] = float(factor)
+        self._cache.pop(bits, None)
 
     def qparams(self, bits: int) -> tuple[Tensor, Tensor]:
         """Scale and zero point at ``bits`` from the observer's statistics (cached per bit width)."""
         if bits not in self._cache:
-            self._cache[bits] = self.observer.qparams(bits)
+            factor = self.range_factors.get(bits, 1.0)
+            if factor == 1.0:
+                self._cache[bits] = self.observer.qparams(bits)
+            else:
+                self.observer.qparams(bits)  # raises the observer's own error when nothing was observed
+                low, high = self.observer.clip_range(bits)
+                self._cache[bits] = qparams_from_range(low * factor, high * factor, bits, self.symmetric)
         return self._cache[bits]
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
@@ -170,7 +186,11 @@ class BiasCorrection(nn.Module):
         self._cache: dict[tuple, Tensor] = {}
 
     def observe(self, feature_sum: Tensor, rows: int) -> None:
-        """Add the column sums ``feature_sum`` of ``rows`` input rows to the running sum."""
+        """Add the column sums ``feature_sum`` of ``rows`` input rows to the running sum.
+
+        ``feature_sum`` is one batch's sum (float32 is enough for a batch, and summing a whole activation in float64
+        would first copy it); the running sum over every batch is float64.
+        """
         self.input_sum.add_(feature_sum.detach().double())
         self.count.add_(rows)
         self._cache.clear()
@@ -230,6 +250,10 @@ class QuantLayerMixin:
         # The twins of subclasses are created at run time, so pickle cannot find them by name: rebuild the class
         # from the float class (which pickle can find) instead. copy.deepcopy goes through here too.
         return _new_quant_layer, (self.float_class,), self.__getstate__()
+
+    def quantizer(self, kind: str) -> WeightQuantizer | ActivationQuantizer:
+        """The quantizer of the plan's tensor ``kind``: ``"w"`` the weight, ``"a"`` the input."""
+        return self.weight_quantizer if kind == "w" else self.input_quantizer
 
     def effective_weight(self) -> Tensor:
         """The kernel the layer multiplies its input with: what the weight quantizer quantizes."""
@@ -297,7 +321,9 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         """Column sums of im2col(x) (one row per output position); im2col is linear, so the batch is summed first."""
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             raise NotImplementedError("bias correction supports zero-padded convolutions with numeric padding")
-        summed = self.pad_input(x).double().sum(dim=0, keepdim=True)
+        # Padding is linear too: sum the batch first (in float32 at least), pad and unfold the one summed image.
+        batch_sum = x.sum(dim=0, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        summed = self.pad_input(batch_sum).double()
         cols = F.unfold(summed, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         return cols[0].sum(dim=1), x.shape[0] * cols.shape[-1]
 
@@ -311,10 +337,57 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         """Affine map with ``weight`` (default: the effective weight)."""
         return F.linear(x, self.effective_weight() if weight is None else weight, self.bias)
 
+    # ----------------------------------------------------------------- post-LayerNorm reparameterization (RepQ-ViT)
+    # When the input quantizer is per channel (lit_mpq.quant.layernorm), the deployed model folds its per-channel
+    # scales into the LayerNorm before this layer and into this layer's weight (W' = W diag(r1)): the weight that
+    # gets quantized is W', and the layer computes what the folded model computes (simulated_linear_params).
+
+    def _reparameterization(self, active: bool):
+        """The input quantizer's reparameterization, or None.
+
+        None for a per-tensor input quantizer, one without statistics, or, with ``active``, an input that is not
+        quantized now (then nothing is folded).
+        """
+        quantizer = self.input_quantizer
+        if not hasattr(quantizer, "reparameterization") or not quantizer.observer.has_data:
+            return None
+        if active and (quantizer.mode != "quant" or quantizer.bits is None):
+            return None
+        return quantizer.reparameterization(quantizer.bits or 8)
+
+    def _fake_quantize_uncached(self, weight: Tensor, bits: int) -> Tensor:
+        quantizer = self.weight_quantizer
+        scale, zero_point = weight_qparams(weight, bits, quantizer.symmetric, quantizer.per_channel, quantizer.method)
+        qmin, qmax = quant_range(bits, quantizer.symmetric)
+        return fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if quantizer.per_channel else None)
+
+    def quantize_weight(self, bits: int) -> Tensor:
+        """The effective weight fake-quantized at ``bits``; with a reparameterized input, ``Q(W diag(r1)) / r1``."""
+        rep = self._reparameterization(active=False)
+        if rep is None:
+            return super().quantize_weight(bits)
+        r1 = rep.r1.to(self.weight)
+        return self._fake_quantize_uncached(self.effective_weight() * r1, bits) / r1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """As :meth:`QuantLayerMixin.forward`; with a reparameterized input, the folded deployment's output."""
+        rep = self._reparameterization(active=True)
+        if rep is None:
+            return super().forward(x)
+        from lit_mpq.quant.layernorm import simulated_linear_params  # imports this module
+
+        x_hat = self.input_quantizer(x)
+        bits = self.weight_quantizer.bits
+        if self.weight_quantizer.mode != "quant" or bits is None:
+            return F.linear(x_hat, self.effective_weight(), self.bias)  # float weights: the fold is exact
+        weight, bias = simulated_linear_params(self, rep, lambda w: self._fake_quantize_uncached(w, bits))
+        return F.linear(x_hat, weight, bias)
+
     def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:
         """Column sums of ``x`` flattened to ``[tokens, in_features]``, and the token count."""
         rows = x.reshape(-1, self.in_features)
-        return rows.double().sum(dim=0), rows.shape[0]
+        # One batch in float32 (at least): a float64 sum would copy the whole activation first.
+        return rows.sum(dim=0, dtype=torch.promote_types(rows.dtype, torch.float32)), rows.shape[0]
 
 
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)

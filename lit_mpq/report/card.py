@@ -114,6 +114,9 @@ def build_card(
     policy: str,
     bits_candidates: Sequence[int | None],
     seed_everything: int | None,
+    attention: bool = False,
+    softmax_quantizer: str = "uniform",
+    post_layernorm: str = "per_tensor",
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -138,6 +141,9 @@ def build_card(
         policy: The allocation policy's ``describe()`` string.
         bits_candidates: Candidate bit widths the policy chose from (``None`` = FP32).
         seed_everything: The run's global seed (``seed_everything``), or ``None``.
+        attention: Whether attention matmuls (q·kᵀ, softmax·V) were quantized.
+        softmax_quantizer: Levels of the softmax output (``"uniform"``, ``"log2"``, ``"log_sqrt2"``).
+        post_layernorm: Treatment of LayerNorm outputs feeding a Linear (``"per_tensor"`` or ``"reparam"``).
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -161,6 +167,11 @@ def build_card(
         "act_symmetric": bool(act_symmetric),
         "percentile": float(percentile) if act_observer == "percentile" and percentile is not None else None,
         "first_last_precision": first_last_precision(plan),
+        "attention": {
+            "matmuls_quantized": bool(attention) and any(spec.kind == "matmul" for spec in plan.specs.values()),
+            "softmax_quantizer": softmax_quantizer if attention else None,
+            "post_layernorm": post_layernorm,
+        },
         "batchnorm_folding": batchnorm_folding_text(bn_folded, weight_granularity),
         "calibration": {
             "images": calibration_images,

@@ -113,6 +113,9 @@ def run_card(
         policy=record.allocation.policy if record.allocation is not None else "none",
         bits_candidates=candidates,
         seed_everything=record.seed_everything,
+        attention=bool(settings.get("attention", False)),
+        softmax_quantizer=settings.get("softmax_quantizer", "uniform"),
+        post_layernorm=settings.get("post_layernorm", "per_tensor"),
     )
 
 

@@ -52,7 +52,7 @@ def probe_end_to_end(
         reference = [F.log_softmax(run(x).double(), dim=-1) for x in inputs]
         for name, layer in layers.items():
             for kind in kinds:
-                quantizer = layer.weight_quantizer if kind == "w" else layer.input_quantizer
+                quantizer = layer.quantizer(kind)  # a matmul's "w" is its right-hand operand
                 saved_bits = quantizer.bits
                 quantizer.mode = "quant"
                 try:

@@ -14,6 +14,9 @@ calibration data give every layer and every candidate:
   multiplies the input with and its weight quantizer quantizes (the standardized weight of timm's ``StdConv2d``;
   the ``weight`` parameter itself for plain layers): ``g`` and ``delta`` must live in the same space.
 
+An attention matmul's two operands are both activations, and both get the per-image input treatment (its ``"w"`` is
+the right-hand operand, k or v).
+
 The loss is the cross-entropy against the float model's own prediction, so no labels are needed and any image set
 calibrates. The score is the sum divided by the number of images.
 """
@@ -27,6 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lit_mpq.quant.apply import quant_layers, quantizers_mode
+from lit_mpq.quant.attention import QuantMatmul, is_quant_matmul
 from lit_mpq.sensitivity.output_error import SensitivityStats
 
 ForwardFn = Callable[[Tensor], Tensor]
@@ -86,6 +90,33 @@ def probe_fisher(
 
         return pre_hook
 
+    def make_matmul_hook(name: str):
+        def pre_hook(layer: QuantMatmul, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+            # Both operands are activations: each gets the per-image treatment of a layer input, through an alias
+            # whose gradient is this product's use of it only (k and v come out of one qkv tensor).
+            operands = list(args)
+            for position, kind in ((0, "a"), (1, "w")):
+                x = args[position]
+                if kind not in kinds or not x.requires_grad:
+                    continue
+                alias = x.view_as(x)
+                alias.register_hook(_grad_hook(layer.quantizer(kind), x.detach(), name, kind))
+                operands[position] = alias
+            return tuple(operands)
+
+        return pre_hook
+
+    def _grad_hook(quantizer, x_float: Tensor, name: str, kind: str):
+        sums = (stats.weight_sq if kind == "w" else stats.act_sq)[name]
+
+        def grad_hook(grad: Tensor) -> None:
+            with torch.no_grad():
+                for bits in candidates:
+                    delta = quantizer.quantize(x_float, bits).sub_(x_float).mul_(grad)
+                    sums[bits] += float(torch.linalg.vector_norm(delta)) ** 2 * scale[0]
+
+        return grad_hook
+
     def make_kernel_hook(name: str):
         def hook(quantizer: nn.Module, inputs: tuple, output: Tensor) -> None:
             # With the quantizers off, the weight quantizer's output is the effective weight the layer hands to
@@ -102,13 +133,16 @@ def probe_fisher(
     with torch.inference_mode(False), torch.enable_grad(), quantizers_mode(model, "off"):
         for p in model.parameters():  # only the quantized weights need their gradients
             p.requires_grad_(False)
-        for layer in layers.values():
+        matmuls = {name: layer for name, layer in layers.items() if is_quant_matmul(layer)}
+        weighted = {name: layer for name, layer in layers.items() if name not in matmuls}
+        for layer in weighted.values():
             layer.weight.requires_grad_("w" in kinds)
+        handles += [layer.register_forward_pre_hook(make_matmul_hook(name)) for name, layer in matmuls.items()]
         if "a" in kinds:
-            handles += [layer.register_forward_pre_hook(make_input_hook(name)) for name, layer in layers.items()]
+            handles += [layer.register_forward_pre_hook(make_input_hook(name)) for name, layer in weighted.items()]
         if "w" in kinds:
             handles += [
-                layer.weight_quantizer.register_forward_hook(make_kernel_hook(name)) for name, layer in layers.items()
+                layer.weight_quantizer.register_forward_hook(make_kernel_hook(name)) for name, layer in weighted.items()
             ]
         try:
             for batch in batches:
@@ -121,7 +155,7 @@ def probe_fisher(
                 loss.backward()
                 if "w" in kinds:
                     with torch.no_grad():
-                        for name, layer in layers.items():
+                        for name, layer in weighted.items():
                             # A layer the forward did not call, or whose output the loss does not depend on, has
                             # no gradient: its score does not change.
                             grads = [kernel.grad for kernel in kernels[name] if kernel.grad is not None]

@@ -6,6 +6,9 @@ bit width the layer is recomputed once with quantized weights and once with a qu
 all candidates cost one pass plus the layers' own work per candidate. The float output norm ``||y_l||_2`` is
 kept too, for the normalized variant ``S_l(b) / ||y_l||``.
 
+An attention matmul ``a @ b`` (:class:`~lit_mpq.quant.attention.QuantMatmul`) is linear in each operand, so its errors
+are ``(Q(a) - a) @ b`` for its left operand (``"a"``) and ``a @ (Q(b) - b)`` for its right one (``"w"``).
+
 Layers are recomputed through their own quantization API, so subclasses of the float layers get the numbers of
 their real quantized forward: the weight perturbation is ``quantize_weight(b) - effective_weight()`` (the
 standardized kernel of timm's ``StdConv2d``, say), and a convolution sees ``pad_input(x)`` (timm's dynamic SAME
@@ -22,6 +25,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lit_mpq.quant.apply import quant_layers, quantizers_mode
+from lit_mpq.quant.attention import QuantMatmul, is_quant_matmul
 
 ForwardFn = Callable[[Tensor], Tensor]
 
@@ -173,6 +177,25 @@ def probe_output_error(
 
     k = len(candidates)
 
+    def matmul_hook(name: str):
+        def hook(layer: QuantMatmul, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            # a @ b is linear in each operand: the output error of quantizing one is the product with its error.
+            stats.output_sq[name] += float(torch.linalg.vector_norm(output.float())) ** 2
+            images = inputs[0].shape[0] / inputs[0][::subsample].shape[0]
+            a, b = inputs[0][::subsample], inputs[1][::subsample]
+            for kind, sums in (("w", stats.weight_sq[name]), ("a", stats.act_sq[name])):
+                if kind not in kinds:
+                    continue
+                quantizer = layer.quantizer(kind)
+                for bits in candidates:
+                    if kind == "a":
+                        error = layer.product(quantizer.quantize(a, bits) - a, b)
+                    else:
+                        error = layer.product(a, quantizer.quantize(b, bits) - b)
+                    sums[bits] += float(torch.linalg.vector_norm(error)) ** 2 * images
+
+        return hook
+
     def make_hook(name: str):
         def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             x, y = inputs[0], output
@@ -212,7 +235,10 @@ def probe_output_error(
         return hook
 
     run = forward or model
-    handles = [layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    handles = [
+        layer.register_forward_hook((matmul_hook if is_quant_matmul(layer) else make_hook)(name))
+        for name, layer in layers.items()
+    ]
     try:
         with quantizers_mode(model, "off"):
             for batch in batches:

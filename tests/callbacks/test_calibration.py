@@ -144,6 +144,9 @@ def test_the_record_and_the_logged_count_give_the_calibration_set_size(calibrate
         "act_symmetric": False,
         "percentile": 99.99,
         "bias_correction": False,
+        "attention": True,
+        "softmax_quantizer": "uniform",
+        "post_layernorm": "per_tensor",
     }
     assert float(calibrated.trainer.callback_metrics["calib/num_images"]) == CALIB
     assert float(calibrated.trainer.callback_metrics["calib/max_images_per_rank"]) == CALIB

@@ -131,10 +131,12 @@ def test_arguments_match_quant_settings():
     settings = dataclasses.asdict(QuantSettings())
     args = card_args()
     for key in settings:
-        args.pop(key)
+        args.pop(key, None)
     card = build_card(**args, **settings)
     assert card["weight_granularity"] == settings["weight_granularity"]
     assert card["act_observer"] == settings["act_observer"]
+    assert card["attention"]["softmax_quantizer"] == settings["softmax_quantizer"]
+    assert card["attention"]["post_layernorm"] == settings["post_layernorm"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,110 @@
+"""Quantizers for softmax outputs (attention probabilities): logarithmic levels, as in FQ-ViT and RepQ-ViT.
+
+Attention probabilities lie in ``[0, 1]`` and are heavily skewed: most are tiny, a few carry the mass. A uniform
+``b``-bit grid spends its levels evenly over ``[0, max]``, so at 4 bits every probability under ``max / 30`` becomes
+zero. Logarithmic levels follow the distribution instead (Lin et al., "FQ-ViT: Post-Training Quantization for Fully
+Quantized Vision Transformer", IJCAI 2022, log2; Li et al., "RepQ-ViT", ICCV 2023, log√2), and multiplying by a power
+of two is a shift, so ``softmax · V`` needs no multiplier.
+
+A ``b``-bit logarithmic code here is honest about its ``2^b`` codes: ``2^b - 1`` of them are exponents ``k`` with the
+value ``scale · 2^(-k / r)`` (``r = 1`` for log2, ``r = 2`` for log√2) and the last one is an exact zero, for every
+value too small for the smallest exponent. Exponents are rounded in the log domain (``k = round(-r · log2(x /
+scale))``), as both papers do.
+
+Example:
+    >>> import torch
+    >>> log_quantize_dequantize(torch.tensor([1.0, 0.3, 0.01, 0.0]), torch.tensor(1.0), bits=3, steps_per_octave=1)
+    tensor([1.0000, 0.2500, 0.0156, 0.0000])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_mpq.quant.modules import ActivationQuantizer
+from lit_mpq.quant.observers import MinMaxObserver
+
+SOFTMAX_QUANTIZERS = {"uniform": None, "log2": 1, "log_sqrt2": 2}
+"""Post-softmax quantizer names accepted in configs -> exponent steps per octave (``None``: the uniform grid)."""
+
+
+def log_quantize_dequantize(x: Tensor, scale: Tensor, bits: int, steps_per_octave: int = 1) -> Tensor:
+    """Round ``x >= 0`` to the nearest level ``scale · 2^(-k / steps_per_octave)``, ``k = 0 .. 2^bits - 2``, or to 0.
+
+    Values above ``scale`` clip to ``scale``; values below ``scale · 2^(-(2^bits - 1.5) / steps_per_octave)`` (the
+    log-domain midpoint under the smallest level) and non-positive values become 0.
+
+    Args:
+        x: Non-negative input (softmax output).
+        scale: Largest level (a scalar tensor; the observed maximum, 1 for probabilities).
+        bits: Code width, at least 2.
+        steps_per_octave: 1 for log2 levels, 2 for log√2 levels.
+    """
+    if bits < 2:
+        raise ValueError(f"bits must be at least 2, got {bits}")
+    zero_code = 2**bits - 1
+    scale = scale.to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        ratio = (x / scale).clamp_min(0)
+        exponent = torch.round(-torch.log2(ratio) * steps_per_octave).clamp_min(0)  # log2(0) = -inf: exponent inf
+        value = scale * torch.exp2(-exponent / steps_per_octave)
+        return torch.where(exponent >= zero_code, torch.zeros_like(value), value)
+
+
+class LogQuantizer(ActivationQuantizer):
+    """Logarithmic fake-quantizer for softmax outputs; its scale is the largest value seen in calibration.
+
+    Same modes contract as :class:`~lit_mpq.quant.modules.ActivationQuantizer` (``observe`` records the range with a
+    :class:`~lit_mpq.quant.observers.MinMaxObserver`, ``quant`` fake-quantizes at ``bits``). The gradient is passed
+    straight through.
+
+    Args:
+        steps_per_octave: 1 for log2 (FQ-ViT), 2 for log√2 (RepQ-ViT).
+        bits: Initial bit width (None = FP32).
+    """
+
+    def __init__(self, steps_per_octave: int = 1, bits: int | None = 8) -> None:
+        super().__init__(MinMaxObserver(symmetric=False), bits)
+        if steps_per_octave not in (1, 2):
+            raise ValueError(f"steps_per_octave must be 1 (log2) or 2 (log√2), got {steps_per_octave}")
+        self.steps_per_octave = steps_per_octave
+
+    def qparams(self, bits: int) -> tuple[Tensor, Tensor]:
+        """``(scale, zero_point)``: the observed maximum (the largest level) and 0.
+
+        Raises:
+            RuntimeError: If nothing has been observed yet.
+        """
+        if bits not in self._cache:
+            if not self.observer.has_data:
+                raise RuntimeError("LogQuantizer has no statistics: run calibration (the Calibration callback) first")
+            scale = self.observer.max_val * self.range_factors.get(bits, 1.0)
+            scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
+            self._cache[bits] = (scale, torch.zeros((), dtype=torch.int64, device=scale.device))
+        return self._cache[bits]
+
+    def quantize(self, x: Tensor, bits: int) -> Tensor:
+        """Fake-quantize ``x`` at ``bits`` logarithmic levels regardless of the mode (straight-through gradient)."""
+        scale, _ = self.qparams(bits)
+        quantized = log_quantize_dequantize(x, scale, bits, self.steps_per_octave)
+        return x + (quantized - x).detach() if x.requires_grad else quantized
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{super().extra_repr()}, levels={'log2' if self.steps_per_octave == 1 else 'log_sqrt2'}"
+
+
+def build_softmax_quantizer(name: str, observer_factory) -> ActivationQuantizer:
+    """The quantizer of an attention's softmax output by config name (see :data:`SOFTMAX_QUANTIZERS`).
+
+    Args:
+        name: ``"uniform"``, ``"log2"`` or ``"log_sqrt2"``.
+        observer_factory: Makes the observer of a uniform quantizer (the run's activation observer).
+
+    Raises:
+        ValueError: On an unknown name.
+    """
+    if name not in SOFTMAX_QUANTIZERS:
+        raise ValueError(f"softmax_quantizer {name!r} is not known; choose one of {list(SOFTMAX_QUANTIZERS)}")
+    steps = SOFTMAX_QUANTIZERS[name]
+    return ActivationQuantizer(observer_factory()) if steps is None else LogQuantizer(steps)

@@ -1,0 +1,103 @@
+"""Logarithmic quantization of softmax outputs (FQ-ViT log2, RepQ-ViT log√2) against brute force and the uniform grid."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_mpq.quant.apply import QuantSettings, apply_plan, invalidate_qparams, measure_model, quantize_model, set_mode
+from lit_mpq.quant.functional import fake_quantize, qparams_from_range, quant_range
+from lit_mpq.quant.softmax import LogQuantizer, log_quantize_dequantize
+
+
+def brute_force_log_levels(x: torch.Tensor, scale: float, bits: int, steps: int) -> torch.Tensor:
+    """Nearest level in log distance among the 2^bits - 1 powers, or 0 below the lowest level's lower midpoint."""
+    levels = [scale * 2.0 ** (-k / steps) for k in range(2**bits - 1)]
+    lowest_boundary = scale * 2.0 ** (-(2**bits - 1.5) / steps)
+    out = []
+    for value in x.tolist():
+        if value < lowest_boundary:
+            out.append(0.0)
+        else:
+            out.append(min(levels, key=lambda level: abs(math.log2(min(value, scale)) - math.log2(level))))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("bits,steps", [(2, 1), (3, 1), (4, 1), (3, 2), (4, 2)])
+def test_log_levels_match_brute_force(bits, steps):
+    torch.manual_seed(bits * 10 + steps)
+    x = torch.cat([torch.rand(500) ** 6, torch.tensor([0.0, 1.0, 0.7, 1e-9])])
+    scale = 0.9
+    got = log_quantize_dequantize(x, torch.tensor(scale), bits, steps)
+    torch.testing.assert_close(got, brute_force_log_levels(x, scale, bits, steps), rtol=1e-6, atol=0)
+    assert len(set(got.tolist())) <= 2**bits  # honest about its code count: 2^b - 1 powers and zero
+
+
+def softmax_like(temperature: float, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.softmax(torch.randn(512, 197) * temperature, dim=-1)
+
+
+def uniform_roundtrip(p: torch.Tensor, bits: int) -> torch.Tensor:
+    scale, zero_point = qparams_from_range(p.min(), p.max(), bits, symmetric=False)
+    return fake_quantize(p, scale, zero_point, *quant_range(bits, False))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_log2_error_is_below_uniform_at_equal_low_bits(temperature, bits):
+    p = softmax_like(temperature)
+    v = torch.randn(197, 64, generator=torch.Generator().manual_seed(1))
+    log2 = log_quantize_dequantize(p, p.max(), bits, 1)
+    uniform = uniform_roundtrip(p, bits)
+    assert ((log2 - p) ** 2).mean() < ((uniform - p) ** 2).mean()
+    # And what it feeds: the softmax · V product.
+    assert ((log2 @ v - p @ v) ** 2).mean() < ((uniform @ v - p @ v) ** 2).mean()
+
+
+def test_uniform_wins_at_8_bits_because_log_levels_have_a_relative_error_floor():
+    p = softmax_like(1.0)
+    for steps in (1, 2):
+        log_error = ((log_quantize_dequantize(p, p.max(), 8, steps) - p) ** 2).mean()
+        assert ((uniform_roundtrip(p, 8) - p) ** 2).mean() < log_error
+
+
+def test_log_quantizer_gradient_is_straight_through_and_scale_is_the_calibrated_maximum():
+    quantizer = LogQuantizer(steps_per_octave=1, bits=4)
+    quantizer.set_mode("observe")
+    quantizer(torch.tensor([0.1, 0.5, 0.8]))
+    quantizer.set_mode("quant")
+    scale, zero_point = quantizer.qparams(4)
+    assert float(scale) == pytest.approx(0.8) and int(zero_point) == 0
+    x = torch.tensor([0.3, 0.01], requires_grad=True)
+    quantizer(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(2))
+    quantizer.set_range_factor(4, 0.5)
+    assert float(quantizer.qparams(4)[0]) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("name,steps", [("log2", 1), ("log_sqrt2", 2)])
+def test_softmax_quantizer_is_selectable_and_used_by_the_attention(name, steps):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    quantize_model(model, QuantSettings(softmax_quantizer=name))
+    plan = measure_model(model, torch.zeros(1, 3, 32, 32))
+    probs = model.blocks[0].attn.matmul_av.input_quantizer
+    assert isinstance(probs, LogQuantizer) and probs.steps_per_octave == steps
+    x = torch.randn(2, 3, 32, 32)
+    set_mode(model, weights="off", activations="observe")
+    seen = {}
+    hook = model.blocks[0].attn.matmul_av.register_forward_pre_hook(lambda m, a: seen.update(p=a[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    set_mode(model, weights="off", activations="off")
+    invalidate_qparams(model)
+    for layer in plan.layers.values():
+        layer.w_bits, layer.a_bits = None, None
+    plan["blocks.0.attn.matmul_av"].a_bits = 4
+    apply_plan(model, plan)
+    assert torch.equal(probs(seen["p"]), log_quantize_dequantize(seen["p"], seen["p"].max(), 4, steps))

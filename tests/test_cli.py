@@ -163,8 +163,12 @@ def test_deit_tiny_runs_the_full_chain_and_quantizes_every_layer(tiny_image_fold
         tmp_path,
         config,
         "--model.init_args.pretrained=false",
+        "--model.init_args.checkpoint_path=null",  # random weights: the shared file has 1000 outputs, not 3
         "--model.init_args.num_classes=3",
         f"--data.init_args.root={tiny_image_folder}",
+        "--data.init_args.val_dir=val",
+        "--data.init_args.calib_dir=train",
+        "--data.init_args.classes_file=null",
         "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=6",
         "--data.init_args.num_calibration_samples=12",
@@ -176,15 +180,16 @@ def test_deit_tiny_runs_the_full_chain_and_quantizes_every_layer(tiny_image_fold
     assert float_layers == [], f"layers left in float: {float_layers[:5]}"
     plan = yaml.safe_load((out / "plan.yaml").read_text())
     names = [row["name"] for row in plan["layers"]]
-    # DeiT-Tiny: patch embedding + 12 blocks x (qkv, proj, fc1, fc2) + head.
-    assert len(names) == 1 + 12 * 4 + 1
+    # DeiT-Tiny: patch embedding + 12 blocks x (qkv, q·kᵀ, softmax·V, proj, fc1, fc2) + head.
+    assert len(names) == 1 + 12 * 6 + 1
     assert names[0] == "patch_embed.proj" and names[-1] == "head"
-    for suffix in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+    for suffix in ("attn.qkv", "attn.matmul_qk", "attn.matmul_av", "attn.proj", "mlp.fc1", "mlp.fc2"):
         assert sum(n.endswith(suffix) for n in names) == 12
+    assert {row["kind"] for row in plan["layers"] if "matmul" in row["name"]} == {"matmul"}
     # first_last_bits: 8 pins the patch embedding and the head.
     assert plan["layers"][0]["pinned"] and plan["layers"][-1]["pinned"]
     assert all(row["sensitivity"]["w"] and row["sensitivity"]["a"] for row in plan["layers"])
-    assert json.loads((out / "results.json").read_text())["num_quantized_layers"] == 50
+    assert json.loads((out / "results.json").read_text())["num_quantized_layers"] == 74
 
 
 def test_policy_needing_sensitivity_without_probe_fails_at_start_up(tmp_path, capsys):

@@ -234,8 +234,12 @@ def test_deit_tiny_runs_every_policy_end_to_end(tmp_path, tiny_image_folder):
         tmp_path,
         "deit.yaml",
         "--model.init_args.pretrained=false",
+        "--model.init_args.checkpoint_path=null",  # random weights: the shared file has 1000 outputs, not 3
         "--model.init_args.num_classes=3",
         f"--data.init_args.root={tiny_image_folder}",
+        "--data.init_args.val_dir=val",
+        "--data.init_args.calib_dir=train",
+        "--data.init_args.classes_file=null",
         "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=12",
         "--data.init_args.num_calibration_samples=12",
@@ -251,7 +255,7 @@ def test_deit_tiny_runs_every_policy_end_to_end(tmp_path, tiny_image_folder):
     for row in rows:
         assert 0.0 <= float(row["top1"]) <= 100.0 and float(row["energy_uj"]) > 0
     plan = yaml.safe_load((out / "budget_01" / "plan.yaml").read_text())
-    assert len(plan["layers"]) == 50
+    assert len(plan["layers"]) == 1 + 12 * 6 + 1  # attention matmuls included
     # first_last_bits: 8 in deit.yaml pins the patch embedding and the head under every policy.
     assert plan["layers"][0]["w_bits"] == 8 and plan["layers"][-1]["a_bits"] == 8
 

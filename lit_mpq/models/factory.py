@@ -242,9 +242,11 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
     """
     file = Path(path).expanduser()
     if not file.is_file():
+        # The shipped configs give paths relative to the repository root; run from elsewhere, say where we looked.
+        where = "" if file.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
         raise FileNotFoundError(
-            f"Checkpoint file not found: '{file}'. Pass the path of a saved state_dict (.pt/.pth) or of a Lightning "
-            f"checkpoint (.ckpt)."
+            f"Checkpoint file not found: '{file}'{where}. Pass the path of a saved state_dict (.pt/.pth) or of a "
+            f"Lightning checkpoint (.ckpt)."
         )
     state = _extract_state_dict(load_weights_file(file), file)
     expected = model.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import time
 from dataclasses import dataclass
 
@@ -344,6 +345,14 @@ def test_load_missing_file(tmp_path):
         load_checkpoint(create_backbone("digits_cnn"), str(missing))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         create_backbone("digits_cnn", checkpoint_path=str(missing))
+
+
+def test_missing_relative_checkpoint_names_the_current_directory(tmp_path, monkeypatch):
+    """The shipped configs use paths relative to the repository root; run from elsewhere, the error says so."""
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(f"'../shared/w.pt' (relative to the current directory, {tmp_path})")
+    with pytest.raises(FileNotFoundError, match=where):
+        load_checkpoint(create_backbone("digits_cnn"), "../shared/w.pt")
 
 
 def test_load_mismatched_keys_and_shapes(tmp_path):

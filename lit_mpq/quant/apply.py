@@ -55,7 +55,7 @@ class QuantSettings:
         bias_correction: Correct the output shift caused by weight quantization with calibration statistics.
         attention: Quantize the two matmuls of every timm ``Attention`` (q, k, v and the softmax output become
             tensors of the plan).
-        softmax_quantizer: Levels for the softmax output: ``"uniform"`` (the activation observer's range),
+        softmax_quantizer: Levels for the softmax output: ``"uniform"`` (over the observed range, never clipped),
             ``"log2"`` (FQ-ViT) or ``"log_sqrt2"`` (RepQ-ViT); see :mod:`lit_mpq.quant.softmax`.
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"`` like every other input, or
             ``"reparam"``: per-channel ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
@@ -198,12 +198,7 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
         ]
         for name, module in attentions:
             twin = quantize_attention(
-                module,
-                settings.activation_quantizer,
-                lambda: build_softmax_quantizer(
-                    settings.softmax_quantizer,
-                    lambda: build_observer(settings.act_observer, settings.act_symmetric, settings.percentile),
-                ),
+                module, settings.activation_quantizer, lambda: build_softmax_quantizer(settings.softmax_quantizer)
             )
             _replace(model, name, twin)
     return quant_layer_names(model)

@@ -117,6 +117,7 @@ def build_card(
     attention: bool = False,
     softmax_quantizer: str = "uniform",
     post_layernorm: str = "per_tensor",
+    ranking_refinement: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -144,6 +145,8 @@ def build_card(
         attention: Whether attention matmuls (q·kᵀ, softmax·V) were quantized.
         softmax_quantizer: Levels of the softmax output (``"uniform"``, ``"log2"``, ``"log_sqrt2"``).
         post_layernorm: Treatment of LayerNorm outputs feeding a Linear (``"per_tensor"`` or ``"reparam"``).
+        ranking_refinement: Settings of the ranking-aware refinement of the attention ranges, or ``None`` when it
+            did not run.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -171,6 +174,7 @@ def build_card(
             "matmuls_quantized": bool(attention) and any(spec.kind == "matmul" for spec in plan.specs.values()),
             "softmax_quantizer": softmax_quantizer if attention else None,
             "post_layernorm": post_layernorm,
+            "ranking_refinement": dict(ranking_refinement) if ranking_refinement else None,
         },
         "batchnorm_folding": batchnorm_folding_text(bn_folded, weight_granularity),
         "calibration": {

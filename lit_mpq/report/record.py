@@ -86,6 +86,7 @@ class RunRecord:
         calibration: Set by ``Calibration``.
         sensitivity: Set by ``SensitivityProbe``.
         allocation: Set by ``BitAllocator``.
+        refinement: The ranking-aware refinement's report (``AttentionRefinement``: factors, objectives, seconds).
         energy: The energy report of ``EnergyMeter`` (:func:`lit_mpq.energy.energy_report`, plus measured energy).
         seed_everything: The run's global seed, as configured (``None`` when none was set).
     """
@@ -94,6 +95,7 @@ class RunRecord:
     sensitivity: SensitivityRecord | None = None
     allocation: AllocationRecord | None = None
     energy: dict[str, Any] | None = None
+    refinement: dict[str, Any] | None = None
     seed_everything: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -116,6 +116,7 @@ def run_card(
         attention=bool(settings.get("attention", False)),
         softmax_quantizer=settings.get("softmax_quantizer", "uniform"),
         post_layernorm=settings.get("post_layernorm", "per_tensor"),
+        ranking_refinement=record.refinement.get("settings") if record.refinement else None,
     )
 
 

@@ -3,7 +3,16 @@
 from lit_mpq.callbacks.allocation import BitAllocator, BitOverride
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
+from lit_mpq.callbacks.refinement import AttentionRefinement
 from lit_mpq.callbacks.report import Report
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
 
-__all__ = ["BitAllocator", "BitOverride", "Calibration", "EnergyMeter", "Report", "SensitivityProbe"]
+__all__ = [
+    "AttentionRefinement",
+    "BitAllocator",
+    "BitOverride",
+    "Calibration",
+    "EnergyMeter",
+    "Report",
+    "SensitivityProbe",
+]

@@ -149,7 +149,8 @@ class ActivationQuantizer(_Quantizer):
             if factor == 1.0:
                 self._cache[bits] = self.observer.qparams(bits)
             else:
-                self.observer.qparams(bits)  # raises the observer's own error when nothing was observed
+                if not self.observer.has_data:
+                    self.observer.qparams(bits)  # raises the observer's own "run calibration first" error
                 low, high = self.observer.clip_range(bits)
                 self._cache[bits] = qparams_from_range(low * factor, high * factor, bits, self.symmetric)
         return self._cache[bits]

@@ -12,3 +12,15 @@ def fresh_run_dir(out: Path) -> Path:
         k += 1
     (out / f"run_{k}").mkdir(parents=True)
     return out / f"run_{k}"
+
+
+def quiet_run_args(config: str, out: Path) -> list[str]:
+    """CLI arguments for one benchmark run of ``config``: no logger, bar or summary, in a fresh folder under ``out``."""
+    return [
+        "--config",
+        config,
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={fresh_run_dir(out)}",  # one folder per run: runs never share results
+    ]

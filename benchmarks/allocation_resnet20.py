@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _runs import fresh_run_dir
+from _runs import quiet_run_args
 
 from lit_mpq.allocation import ExactAllocation, Policy, RandomAllocation, SensitivityPercentile, Uniform
 from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe
@@ -32,12 +32,7 @@ PROBE_BITS = sorted(set(W_CANDIDATES) | set(A_CANDIDATES))
 def build(config: str, out: Path, metric: str, policy: Policy, first_last_bits: int | None):
     cli = cli_main(
         [
-            "--config",
-            config,
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={fresh_run_dir(out)}",  # one folder per run: runs never share results
+            *quiet_run_args(config, out),
             "--model.init_args.fp32_reference=false",
         ],
         run=False,

@@ -17,7 +17,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from _runs import fresh_run_dir
+from _runs import quiet_run_args
 
 from lit_mpq.allocation import Policy, SensitivityPercentile, Uniform
 from lit_mpq.callbacks import BitAllocator, Calibration
@@ -49,12 +49,7 @@ ROWS: list[tuple[str, Policy, dict]] = [
 def run(config: str, policy: Policy, calibration: dict, out: Path) -> dict:
     cli = cli_main(
         [
-            "--config",
-            config,
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            f"--trainer.default_root_dir={fresh_run_dir(out)}",  # one folder per run: runs never share results
+            *quiet_run_args(config, out),
         ],
         run=False,
     )

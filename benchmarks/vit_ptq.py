@@ -1,0 +1,117 @@
+"""Benchmark: DeiT-Tiny and ViT-Tiny post-training quantization on real ImageNet images, attention included.
+
+Every row runs the pipeline of ``configs/deit.yaml`` / ``configs/vit_tiny.yaml`` through the CLI (calibration on
+``--calibration`` images of ``imagenet_sample_1000``, evaluation on all 1,300 images of ``imagenet_val_1300``), with
+every Linear layer **and both attention matmuls** (q·kᵀ and softmax·V) quantized; only the policy and the quantizer
+settings change:
+
+- FP32, then uniform W8A8, W6A6, W4A8 and W4A4 with the recipe (the config's calibration settings), the patch
+  embedding and the head at W8A8 as the configs pin them (``first_last_bits: 8``, the convention of PTQ4ViT and
+  RepQ-ViT);
+- the exact allocator (``ExactAllocation``, Fisher sensitivities) at the analytic energy of uniform W4A4;
+- ablations: each of the recipe's ViT-specific parts (log2 softmax levels, the RepQ-ViT post-LayerNorm
+  reparameterization, the ranking-aware refinement of the attention ranges) switched off, one at a time, at W6A6 and
+  W4A4.
+
+Each row prints top-1 (percent), analytic energy (µJ/image, the config's energy model), parameter-weighted weight bits,
+element-weighted activation bits (matmul operands included) and the wall time of the whole ``validate`` call::
+
+    python benchmarks/vit_ptq.py [--models deit vit] [--calibration 256] [--no-ablations]
+
+On two CPU cores a row takes two to four minutes (one calibration pass, one quantized evaluation of 1,300 images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from _runs import quiet_run_args
+
+from lit_mpq.allocation import ExactAllocation, Policy, Uniform
+from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe
+from lit_mpq.cli import main as cli_main
+
+CONFIGS = {"deit": "configs/deit.yaml", "vit": "configs/vit_tiny.yaml"}
+W_CANDIDATES = [3, 4, 6, 8]
+A_CANDIDATES = [3, 4, 6, 8]
+ABLATIONS = {
+    "softmax uniform": {"softmax_quantizer": "uniform"},
+    "LayerNorm per tensor": {"post_layernorm": "per_tensor"},
+    "no ranking refinement": {"refine": False},
+}
+
+
+def run(config: str, out: Path, policy: Policy, calibration: int, fp32: bool, **changes) -> dict:
+    """One ``validate`` of ``config`` with ``policy`` and the calibration settings changed by ``changes``."""
+    cli = cli_main(
+        [
+            *quiet_run_args(config, out),
+            f"--model.init_args.fp32_reference={str(fp32).lower()}",
+            f"--data.init_args.num_calibration_samples={calibration}",
+        ],
+        run=False,
+    )
+    refine = changes.pop("refine", None)
+    callbacks = cli.trainer.callbacks
+    for callback in list(callbacks):
+        if isinstance(callback, Calibration):
+            callback.settings = dataclasses.replace(callback.settings, **changes)
+        if isinstance(callback, BitAllocator):
+            callback.policy = policy  # the config's first_last_bits (8) stays: patch embedding and head at W8A8
+        if isinstance(callback, SensitivityProbe):
+            if policy.requires_sensitivity:
+                callback.metric, callback.candidate_bits = "fisher", sorted(set(W_CANDIDATES) | set(A_CANDIDATES))
+            else:
+                callbacks.remove(callback)  # nothing reads its scores: do not pay for it
+        if type(callback).__name__ == "AttentionRefinement" and refine is False:
+            callbacks.remove(callback)
+    start = time.perf_counter()
+    metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
+    return {
+        "top1": metrics["val/top1"],
+        "fp32": metrics.get("val/top1_fp32"),
+        "energy": metrics["energy/analytic_uj_per_image"],
+        "avg_w": metrics["bits/avg_weight"],
+        "avg_a": metrics["bits/avg_act"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/vit_ptq"))
+    args = parser.parse_args()
+    for model in args.models:
+        config, out = CONFIGS[model], args.out / model
+        rows = []
+        first = run(config, out, Uniform(8, 8), args.calibration, fp32=True)
+        rows += [("FP32", {**first, "top1": first["fp32"], "energy": float("nan"), "avg_w": 32, "avg_a": 32})]
+        rows.append(("uniform W8A8", first))
+        for w, a in ((6, 6), (4, 8), (4, 4)):
+            rows.append((f"uniform W{w}A{a}", run(config, out, Uniform(w, a), args.calibration, fp32=False)))
+        budget = ExactAllocation(energy_relative_to="W4A4", w_candidates=W_CANDIDATES, a_candidates=A_CANDIDATES)
+        rows.append(("exact allocator, energy <= uniform W4A4", run(config, out, budget, args.calibration, False)))
+        if not args.no_ablations:
+            for w, a in ((6, 6), (4, 4)):
+                for name, change in ABLATIONS.items():
+                    result = run(config, out, Uniform(w, a), args.calibration, fp32=False, **change)
+                    rows.append((f"uniform W{w}A{a}, {name}", result))
+        print(f"\n`python benchmarks/vit_ptq.py --models {model} --calibration {args.calibration}` ({config})\n")
+        print("| setting | top-1 % | Δ vs FP32 | energy µJ/img | avg W bits | avg A bits | time s |")
+        print("|---|---|---|---|---|---|---|")
+        fp32_top1 = rows[0][1]["top1"]
+        for name, r in rows:
+            print(
+                f"| {name} | {r['top1']:.2f} | {r['top1'] - fp32_top1:+.2f} | {r['energy']:.1f} | {r['avg_w']:.2f} "
+                f"| {r['avg_a']:.2f} | {r['seconds']:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

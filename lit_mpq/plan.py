@@ -81,6 +81,19 @@ class LayerSpec:
         )
 
 
+def uniform_setting(spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> tuple[int | None, int | None]:
+    """The ``(w_bits, a_bits)`` a uniform ``W<w_bits>A<a_bits>`` setting gives the row ``spec``.
+
+    A uniform setting quantizes weights at ``w_bits`` and every activation at ``a_bits``; both operands of a matmul
+    are activations, so a matmul row gets ``(a_bits, a_bits)`` (its ``w_bits`` is its right-hand operand).
+
+    Example:
+        >>> uniform_setting(LayerSpec("attn.matmul_qk", "matmul", 0, 8, 4, 4, act_other=4), 4, 8)
+        (8, 8)
+    """
+    return (a_bits, a_bits) if spec.kind == "matmul" else (w_bits, a_bits)
+
+
 @dataclass
 class LayerPlan:
     """What a policy decided for one layer, and what a probe measured for it.

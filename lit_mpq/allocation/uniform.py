@@ -5,11 +5,13 @@ from __future__ import annotations
 from lit_mpq.allocation.base import Allocation, Policy
 from lit_mpq.bits import format_setting, validate_bits
 from lit_mpq.energy.models import EnergyModel
-from lit_mpq.plan import QuantPlan
+from lit_mpq.plan import QuantPlan, uniform_setting
 
 
 class Uniform(Policy):
     """Every layer at ``w_bits`` / ``a_bits``.
+
+    An attention matmul, whose two operands are activations, runs both at ``a_bits``.
 
     Args:
         w_bits: Weight bit width, or null for FP32 weights.
@@ -25,8 +27,8 @@ class Uniform(Policy):
         self.a_bits = validate_bits(a_bits, "Uniform.a_bits")
 
     def allocate(self, plan: QuantPlan, energy_model: EnergyModel | None = None) -> Allocation:
-        """Same bits for every layer."""
-        return {name: (self.w_bits, self.a_bits) for name in plan}
+        """Same bits for every layer; both operands of a matmul are activations (``plan.uniform_setting``)."""
+        return {name: uniform_setting(plan.specs[name], self.w_bits, self.a_bits) for name in plan}
 
     def describe(self) -> str:
         """E.g. ``Uniform(W4A8)``, ``Uniform(WFPAFP)``."""

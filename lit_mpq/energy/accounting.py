@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from lit_mpq.energy.models import EnergyModel, EnergyTerms
-from lit_mpq.plan import QuantPlan
+from lit_mpq.plan import QuantPlan, uniform_setting
 
 __all__ = ["energy_report", "layer_energy", "plan_energy", "uniform_energy"]
 
@@ -53,7 +53,8 @@ def plan_energy(plan: QuantPlan, model: EnergyModel) -> EnergyTerms:
 def uniform_energy(plan: QuantPlan, model: EnergyModel, w_bits: int | None, a_bits: int | None) -> EnergyTerms:
     """Energy of the plan's layers if every layer ran at the same bit widths, pJ per image.
 
-    Used as the reference for relative energies (uniform W8A8, FP32) and for energy budgets.
+    Used as the reference for relative energies (uniform W8A8, FP32) and for energy budgets. Both operands of an
+    attention matmul are activations: they run at ``a_bits`` (:func:`lit_mpq.plan.uniform_setting`).
 
     Args:
         plan: The plan (only its layer specs are used; its decisions are ignored).
@@ -67,7 +68,9 @@ def uniform_energy(plan: QuantPlan, model: EnergyModel, w_bits: int | None, a_bi
     Raises:
         ValueError: If the model rejects a bit width.
     """
-    return sum((model.layer(spec, w_bits, a_bits) for spec, _ in plan.items()), EnergyTerms.zero())
+    return sum(
+        (model.layer(spec, *uniform_setting(spec, w_bits, a_bits)) for spec, _ in plan.items()), EnergyTerms.zero()
+    )
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -192,3 +192,19 @@ def test_quantized_attention_survives_deepcopy_and_back_to_float():
     attention = model.blocks[0].attn
     back = attention.to_float()
     assert type(back) is type(attention).float_class and not hasattr(back, "matmul_qk")
+
+
+def test_a_uniform_setting_puts_both_matmul_operands_at_the_activation_width():
+    from lit_mpq.allocation import Uniform
+    from lit_mpq.energy.accounting import uniform_energy
+
+    model = small_vit(True)
+    quantize_model(model, QuantSettings())
+    plan = measure_model(model, torch.zeros(1, 3, 32, 32))
+    bits = Uniform(4, 8).allocate(plan)
+    assert bits["blocks.0.attn.matmul_qk"] == bits["blocks.0.attn.matmul_av"] == (8, 8)
+    assert bits["blocks.0.attn.qkv"] == (4, 8)
+    # The reference energy of "uniform W4A8" is that allocation's energy, matmuls at 8 bits.
+    energy = HorowitzEnergyModel()
+    by_hand = sum(energy.layer(plan.specs[name], *pair).total_pj for name, pair in bits.items())
+    assert uniform_energy(plan, energy, 4, 8).total_pj == pytest.approx(by_hand)

@@ -1,108 +1,286 @@
 """Benchmark: how far each sensitivity metric can be trusted (Kendall's tau against measured accuracy drops).
 
-For each model, every layer is quantized alone (weights, or its input activations) at each probed bit width, and
-the top-1 drop is measured on the 10,000 CIFAR-10 test images of ``cifar10_test_jpeg10k.npz`` (JPEG-degraded, so
-only drops relative to FP32 on the same file are used: a single layer at 3-4 bits moves the 1000-image lossless
-set by less than its 0.1-point resolution); Kendall's tau (tau-b) between a metric's scores ``S[layer, bits]`` and
-those drops, over all layer x bits pairs per tensor kind, says how well the metric ranks what actually hurts.
-Calibration and probing use the first 512 lossless training images. Uses the pure-PyTorch API (no Trainer)::
+For each model, every quantized row of the plan is quantized alone (its ``"w"`` tensor, or its ``"a"`` tensor) at
+each probed bit width, and the top-1 drop is measured; Kendall's tau (tau-b) between a metric's scores
+``S[layer, bits]`` and those drops, over all layer x bits pairs per tensor kind, says how well the metric ranks what
+actually hurts. The tensors are reached through ``layer.quantizer(kind)``, so an attention matmul's rows count too
+(its ``"w"`` is the right operand, k or V; its ``"a"`` the left one, q or the softmax output), and tau is reported
+over all rows and, when a model has matmuls, separately over the weight layers and over the matmul rows.
+
+- CIFAR ResNets (``cifar_resnet*``): drops on the 10,000 CIFAR-10 test images of ``cifar10_test_jpeg10k.npz``
+  (JPEG-degraded, so only drops relative to FP32 on the same file are used: a single layer at 3-4 bits moves the
+  1000-image lossless set by less than its 0.1-point resolution); calibration and probing use the first 512
+  lossless training images, MSE activation ranges.
+- DeiT-Tiny (``deit_tiny_patch16_224``): the shared timm weights, drops on the 1300 ``imagenet_val_1300`` images,
+  calibration on ``imagenet_sample_1000``, with the quantization settings of ``configs/deit.yaml`` (MSE activation
+  and weight ranges, per-channel weights, log-sqrt2 softmax levels, post-LayerNorm reparameterization). 74 rows x 2
+  kinds x 2 bit widths is about 300 evaluations of the validation set: ``--eval-limit`` evaluates on the first N
+  images only (the script prints the number of evaluations and an estimate of their time before starting).
+
+Uses the pure-PyTorch API (no Trainer)::
 
     python benchmarks/sensitivity_trust.py [--models cifar_resnet20 cifar_resnet32] [--bits 2 3 4]
+    python benchmarks/sensitivity_trust.py --models deit_tiny_patch16_224 [--bits 3 4] [--eval-limit 500]
+    python benchmarks/sensitivity_trust.py --models deit_tiny_patch16_224 --metrics output_l2 fisher --dry-run
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from scipy.stats import kendalltau
+from torch import Tensor, nn
 
-from lit_mpq.data import CIFARDataModule
+from lit_mpq.data import CIFARDataModule, ImageFolderDataModule
 from lit_mpq.models import create_backbone
 from lit_mpq.quant import QuantSettings, quant_layers, quantize_model, quantizers_mode, set_mode
+from lit_mpq.quant.apply import apply_post_layernorm, invalidate_qparams, measure_model
+from lit_mpq.quant.attention import is_quant_matmul
 from lit_mpq.sensitivity import SENSITIVITY_METRICS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+KINDS = ("w", "a")
+VIT_MODELS = {"deit_tiny_patch16_224": "deit_tiny_patch16_224.pt"}
+"""timm backbones this benchmark knows -> weights file in the shared data folder."""
+DEFAULT_BITS = {"cifar": [2, 3, 4], "vit": [3, 4]}
+
+Batches = list[tuple[Tensor, Tensor]]
+Drops = dict[str, dict[str, dict[int, float]]]
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, loader) -> float:
+def top1(model: nn.Module, batches: Batches) -> float:
+    """Top-1 accuracy (percent) of ``model`` over ``batches`` of ``(images, labels)``."""
     correct = total = 0
-    for x, y in loader:
+    for x, y in batches:
         correct += int((model(x).argmax(-1) == y).sum())
         total += int(y.numel())
     return 100.0 * correct / total
 
 
-def measured_drops(model, loader, bits_list: list[int]) -> dict[str, dict[str, dict[int, float]]]:
-    """Top-1 drop with one quantizer on at a time."""
-    with quantizers_mode(model, "off"):
-        reference = top1(model, loader)
-    drops: dict[str, dict[str, dict[int, float]]] = {}
-    for name, layer in quant_layers(model).items():
-        drops[name] = {"w": {}, "a": {}}
-        for kind, quantizer in (("w", layer.weight_quantizer), ("a", layer.input_quantizer)):
+def first_images(loader, limit: int | None) -> Batches:
+    """The loader's batches kept in memory (replayed for every evaluation), cut after ``limit`` images if given."""
+    batches: Batches = []
+    seen = 0
+    for x, y, *_ in loader:
+        if limit is not None and seen + len(y) > limit:
+            x, y = x[: limit - seen], y[: limit - seen]
+        if len(y):
+            batches.append((x, y))
+        seen += len(y)
+        if limit is not None and seen >= limit:
+            break
+    return batches
+
+
+def measured_drops(model: nn.Module, batches: Batches, bits_list: list[int], reference: float) -> Drops:
+    """Top-1 drop (points) with one quantizer on at a time: ``drops[name][kind][bits]``.
+
+    Every row of :func:`quant_layers` (weight layers and attention matmuls alike) is reached through
+    ``layer.quantizer(kind)``.
+    """
+    layers = quant_layers(model)
+    drops: Drops = {}
+    total, done, start = len(layers) * len(KINDS) * len(bits_list), 0, time.perf_counter()
+    for name, layer in layers.items():
+        drops[name] = {kind: {} for kind in KINDS}
+        for kind in KINDS:
+            quantizer = layer.quantizer(kind)
             saved = quantizer.bits
-            for bits in bits_list:
-                with quantizers_mode(model, "off"):
-                    quantizer.mode, quantizer.bits = "quant", bits
-                    drops[name][kind][bits] = reference - top1(model, loader)
-            quantizer.mode, quantizer.bits = "off", saved
+            try:
+                for bits in bits_list:
+                    with quantizers_mode(model, "off"):
+                        quantizer.mode, quantizer.bits = "quant", bits
+                        drops[name][kind][bits] = reference - top1(model, batches)
+                    done += 1
+            finally:
+                quantizer.mode, quantizer.bits = "off", saved
+        elapsed = time.perf_counter() - start
+        print(
+            f"  drops {done}/{total} evaluations, {elapsed:.0f} s, ~{elapsed / done * (total - done):.0f} s left",
+            flush=True,
+        )
     return drops
 
 
+def tau(scores: Drops, drops: Drops, names: Sequence[str], kinds: Sequence[str], bits_list: list[int]) -> float:
+    """Kendall's tau-b between scores and drops over ``names x kinds x bits`` (nan when empty or constant)."""
+    pairs = [(scores[n][k][b], drops[n][k][b]) for n in names for k in kinds for b in bits_list]
+    if len(pairs) < 2:
+        return math.nan
+    return float(kendalltau(*zip(*pairs, strict=True)).statistic)
+
+
+def calibrate(model: nn.Module, calib: list[Tensor]) -> None:
+    """Observe activation ranges on ``calib``, then leave every quantizer off with fresh qparams."""
+    set_mode(model, weights="off", activations="observe")
+    with torch.no_grad():
+        for x in calib:
+            model(x)
+    set_mode(model, weights="off", activations="off")
+    invalidate_qparams(model)
+
+
+def prepare_cifar(backbone: str, args: argparse.Namespace) -> tuple[nn.Module, list[Tensor], Batches, str]:
+    """A calibrated CIFAR ResNet, its calibration batches, its evaluation batches and their description."""
+    model = create_backbone(backbone, checkpoint_path=str(SHARED / f"cifar10_{backbone.split('_')[-1]}.pt")).eval()
+    data = CIFARDataModule(
+        train_npz=str(SHARED / "cifar10_train_4k_lossless.npz"),
+        test_npz=str(SHARED / args.eval_file),
+        batch_size=256,
+        num_calibration_samples=args.calibration_samples or 512,
+        calibration_subset="first",
+    )
+    data.setup("validate")
+    calib = [x for x, *_ in data.calib_dataloader()]
+    quantize_model(model, QuantSettings(act_observer="mse"))
+    calibrate(model, calib)
+    return model, calib, first_images(data.val_dataloader(), args.eval_limit), args.eval_file
+
+
+def prepare_vit(backbone: str, args: argparse.Namespace) -> tuple[nn.Module, list[Tensor], Batches, str]:
+    """A calibrated timm vision transformer (``configs/deit.yaml`` settings), its batches and their description."""
+    import timm
+
+    model = timm.create_model(backbone, pretrained=False)
+    model.load_state_dict(torch.load(SHARED / VIT_MODELS[backbone], weights_only=True))
+    model.eval()
+    data = ImageFolderDataModule(
+        root=str(SHARED),
+        val_dir="imagenet_val_1300",
+        calib_dir="imagenet_sample_1000",
+        classes_file=str(SHARED / "imagenet_classes.txt"),
+        backbone=backbone,
+        batch_size=100,
+        num_workers=2,
+        num_calibration_samples=args.calibration_samples or 512,
+    )
+    data.setup("validate")
+    settings = QuantSettings(
+        act_observer="mse",
+        weight_observer="mse",
+        weight_granularity="per_channel",
+        softmax_quantizer="log_sqrt2",
+        post_layernorm="reparam",
+    )
+    quantize_model(model, settings)
+    example = torch.zeros(1, 3, 224, 224)
+    measure_model(model, example)
+    apply_post_layernorm(model, example)
+    calib = [x for x, *_ in data.calib_dataloader()]
+    start = time.perf_counter()
+    calibrate(model, calib)
+    print(f"  calibrated on {sum(len(x) for x in calib)} images in {time.perf_counter() - start:.0f} s", flush=True)
+    return model, calib, first_images(data.val_dataloader(), args.eval_limit), "imagenet_val_1300"
+
+
+def probe_batches(calib: list[Tensor], metric: str, args: argparse.Namespace) -> list[Tensor]:
+    """The calibration images a metric probes: ``--probe-samples`` of them (``--kl-samples`` for ``kl``)."""
+    limit = args.kl_samples if metric == "kl" else args.probe_samples
+    if limit is None:
+        return calib
+    out, seen = [], 0
+    for x in calib:
+        if seen >= limit:
+            break
+        out.append(x[: limit - seen])
+        seen += len(out[-1])
+    return out
+
+
 def main() -> None:
+    """Parse the options, measure drops and probe every metric for each model, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet32"])
-    parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
-    parser.add_argument("--kl-samples", type=int, default=256)
-    parser.add_argument("--eval-file", default="cifar10_test_jpeg10k.npz")
+    parser.add_argument(
+        "--bits", nargs="+", type=int, default=None, help="probed bit widths (default: 2 3 4 for CIFAR, 3 4 for DeiT)"
+    )
+    parser.add_argument("--metrics", nargs="+", default=list(SENSITIVITY_METRICS), choices=list(SENSITIVITY_METRICS))
+    parser.add_argument("--kl-samples", type=int, default=256, help="calibration images the kl probe uses")
+    parser.add_argument("--probe-samples", type=int, default=None, help="images the other probes use (default all)")
+    parser.add_argument(
+        "--calibration-samples", type=int, default=None, help="calibration images (default 512; also probed)"
+    )
+    parser.add_argument("--eval-limit", type=int, default=None, help="measure drops on the first N evaluation images")
+    parser.add_argument("--eval-file", default="cifar10_test_jpeg10k.npz", help="CIFAR evaluation file")
+    parser.add_argument("--dry-run", action="store_true", help="print the evaluation count and time estimate, stop")
     args = parser.parse_args()
+    for model_name in args.models:
+        if model_name not in VIT_MODELS and not model_name.startswith("cifar_"):
+            parser.error(f"unknown model {model_name!r}: cifar_* backbones or one of {list(VIT_MODELS)}")
     torch.manual_seed(0)
     rows = []
     for backbone in args.models:
-        model = create_backbone(backbone, checkpoint_path=str(SHARED / f"cifar10_{backbone.split('_')[-1]}.pt")).eval()
-        data = CIFARDataModule(
-            train_npz=str(SHARED / "cifar10_train_4k_lossless.npz"),
-            test_npz=str(SHARED / args.eval_file),
-            batch_size=256,
-            num_calibration_samples=512,
-            calibration_subset="first",
+        family = "vit" if backbone in VIT_MODELS else "cifar"
+        bits_list = args.bits or DEFAULT_BITS[family]
+        print(f"{backbone}: preparing", flush=True)
+        model, calib, batches, eval_name = (prepare_vit if family == "vit" else prepare_cifar)(backbone, args)
+        layers = quant_layers(model)
+        matmuls = [n for n, layer in layers.items() if is_quant_matmul(layer)]
+        weighted = [n for n in layers if n not in matmuls]
+        images = sum(len(y) for _, y in batches)
+        start = time.perf_counter()
+        with quantizers_mode(model, "off"):
+            reference = top1(model, batches)
+        seconds = time.perf_counter() - start
+        evaluations = len(layers) * len(KINDS) * len(bits_list)
+        print(
+            f"{backbone}: FP32 top-1 {reference:.2f} % on {images} images of {eval_name} ({seconds:.1f} s); "
+            f"{len(layers)} rows ({len(weighted)} weight layers, {len(matmuls)} matmuls) x {len(KINDS)} kinds x "
+            f"{len(bits_list)} bit widths = {evaluations} evaluations, expected ~{evaluations * seconds / 60:.0f} min "
+            "(fake quantization adds a little per evaluation)",
+            flush=True,
         )
-        data.setup("validate")
-        calib = [x for x, _ in data.calib_dataloader()]
-        quantize_model(model, QuantSettings(act_observer="mse"))
-        set_mode(model, weights="off", activations="observe")
-        with torch.no_grad():
-            for x in calib:
-                model(x)
-        set_mode(model, weights="off", activations="off")
-        drops = measured_drops(model, data.val_dataloader(), args.bits)
-        for metric, (probe, transform) in SENSITIVITY_METRICS.items():
-            batches = calib if metric != "kl" else [x[: args.kl_samples] for x in calib[:1]]
+        if args.dry_run:
+            continue
+        drops = measured_drops(model, batches, bits_list, reference)
+        for metric in args.metrics:
+            probe, transform = SENSITIVITY_METRICS[metric]
+            inputs = probe_batches(calib, metric, args)
             start = time.perf_counter()
-            stats = probe(model, batches, args.bits)
+            stats = probe(model, inputs, bits_list)
             seconds = time.perf_counter() - start
             scores = stats.scores(transform)
-            taus = {}
-            for kind in ("w", "a"):
-                s = [scores[n][kind][b] for n in scores for b in args.bits]
-                d = [drops[n][kind][b] for n in scores for b in args.bits]
-                taus[kind] = kendalltau(s, d).statistic
-            pairs = [(scores[n][k][b], drops[n][k][b]) for n in scores for k in ("w", "a") for b in args.bits]
-            taus["both"] = kendalltau(*zip(*pairs, strict=True)).statistic
-            images = sum(int(x.shape[0]) for x in batches)
-            rows.append((backbone, metric, taus["w"], taus["a"], taus["both"], seconds, images))
+            names = list(scores)
+            groups = {
+                "all": names,
+                "layers": [n for n in names if n in weighted],
+                "matmuls": [n for n in names if n in matmuls],
+            }
+            taus = {
+                (group, kind): tau(scores, drops, members, kinds, bits_list)
+                for group, members in groups.items()
+                for kind, kinds in (("w", ("w",)), ("a", ("a",)), ("both", KINDS))
+            }
+            probed = sum(int(x.shape[0]) for x in inputs)
+            rows.append((backbone, metric, taus, seconds, probed, images))
+            print(f"{backbone}: {metric} probed in {seconds:.0f} s", flush=True)
+    if not rows:
+        return
+    split = any(row[0] in VIT_MODELS for row in rows)  # models with attention matmuls
     print(
-        f"\n`python benchmarks/sensitivity_trust.py --bits {' '.join(map(str, args.bits))}`: Kendall's tau between "
-        f"S[layer, bits] and the measured top-1 drop of quantizing that layer alone ({args.eval_file})\n"
+        f"\n`python benchmarks/sensitivity_trust.py --models {' '.join(args.models)}"
+        f"{' --bits ' + ' '.join(map(str, args.bits)) if args.bits else ''}"
+        f"{f' --eval-limit {args.eval_limit}' if args.eval_limit else ''}`: Kendall's tau between S[layer, bits] and "
+        "the measured top-1 drop of quantizing that tensor alone\n"
     )
-    print("| model | metric | tau weights | tau activations | tau both | probe s | probe images |")
-    print("|---|---|---|---|---|---|---|")
-    for backbone, metric, tw, ta, tb, seconds, images in rows:
-        print(f"| {backbone} | {metric} | {tw:.3f} | {ta:.3f} | {tb:.3f} | {seconds:.1f} | {images} |")
+    header = "| model | metric | tau w | tau a | tau both |"
+    if split:
+        header += " layers w | layers a | layers both | matmuls w | matmuls a | matmuls both |"
+    header += " probe s | probe images | eval images |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for backbone, metric, taus, seconds, probed, images in rows:
+        keys = [("all", k) for k in ("w", "a", "both")]
+        if split:
+            keys += [(g, k) for g in ("layers", "matmuls") for k in ("w", "a", "both")]
+        values = " | ".join("–" if math.isnan(taus[key]) else f"{taus[key]:.3f}" for key in keys)
+        print(f"| {backbone} | {metric} | {values} | {seconds:.1f} | {probed} | {images} |")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,18 @@ through ``input_quantizer.quantize(x, bits)`` for its usual candidate bits) are 
 timer in lit_mpq; they are timed here in a column of their own. A first row per model times the prepared model with
 every quantizer off: the cost of the layer wrappers alone, the floor that calibration cannot go under.
 
+DeiT-Tiny's attention matmuls are quantized as ``QuantSettings`` does by default: q, k and v get the run's activation
+observer too and the softmax output a min/max one, and observing the softmax output runs attention step by step
+instead of through the fused kernel the FP32 pass uses. ``--no-attention`` leaves attention in float (only the
+Conv2d/Linear inputs observed, as before those quantizers).
+
 Then one case (DeiT-Tiny, ``--profile-observer``, bias correction on) runs again under ``torch.profiler`` on
 ``--profile-images`` images, with lit_mpq's observer update, bias-correction statistics, layer arithmetic, image
 digests and qparams derivation labelled (by wrapping those methods in ``record_function`` for the profile only), and
 prints where the time goes: per label, then the top operators by self CPU time. Run::
 
     python benchmarks/calibration_speed.py [--models deit resnet20] [--data-root ../shared/data] [--no-profile]
+                                           [--no-attention]
 
 Everything runs on the CPU. On two cores the whole script takes about 3.5 minutes, two of them in the DeiT-Tiny
 calibration passes being measured (``--observers minmax``, ``--models deit`` or ``--no-profile`` run a part).
@@ -228,9 +234,9 @@ LABELS: list[tuple[type, str, str]] = [
 ]
 
 
-def profile_case(case: Case, observer: str, images: int, top: int) -> None:
+def profile_case(case: Case, observer: str, images: int, top: int, attention: bool = True) -> None:
     """Profile calibration (bias correction on) plus qparams derivation, and print where the time goes."""
-    settings = QuantSettings(act_observer=observer, bias_correction=True)
+    settings = QuantSettings(act_observer=observer, bias_correction=True, attention=attention)
     model = prepare(case, settings)
     batch_size = case.batches[0].shape[0]
     batches = case.batches[: max(1, -(-images // batch_size))]
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-images", type=int, default=64)
     parser.add_argument("--top", type=int, default=15, help="operators listed in the profile")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--no-attention", action="store_true", help="leave ViT attention matmuls (q, k, v, softmax) unquantized"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -302,13 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     cases = {key: loaders[key]() for key in args.models}
     reps = {"deit": max(1, args.deit_repeats), "resnet20": max(1, args.resnet_repeats)}
+    attention = not args.no_attention
 
     print(f"`python {' '.join(['benchmarks/calibration_speed.py', *sys.argv[1:]])}`")
     print()
     print(
         f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}; "
         "images preloaded; FP32 pass timed next to each calibration (same process, same images); "
-        f"fastest of {args.deit_repeats} (DeiT-Tiny) / {args.resnet_repeats} (ResNet-20) interleaved repeats."
+        f"fastest of {args.deit_repeats} (DeiT-Tiny) / {args.resnet_repeats} (ResNet-20) interleaved repeats; "
+        f"attention matmuls {'quantized' if attention else 'float (--no-attention)'}."
     )
     print()
     header = (
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, case in cases.items():
         images = sum(int(x.shape[0]) for x in case.batches)
         # The floor: the prepared model with every quantizer off costs the layer wrappers, and nothing else.
-        passthrough = prepare(case, QuantSettings())
+        passthrough = prepare(case, QuantSettings(attention=attention))
         set_mode(passthrough, weights="off", activations="off")
         runs = [(fp32_pass(case.model, case.batches), fp32_pass(passthrough, case.batches)) for _ in range(reps[key])]
         fp32, floor = min(f for f, _ in runs), min(q for _, q in runs)
@@ -331,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         for observer in args.observers:
             for bias_correction in (False, True):
-                settings = QuantSettings(act_observer=observer, bias_correction=bias_correction)
+                settings = QuantSettings(act_observer=observer, bias_correction=bias_correction, attention=attention)
                 runs = [
                     (fp32_pass(case.model, case.batches), calibrate(prepare(case, settings), case.batches))
                     for _ in range(reps[key])
@@ -345,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
     if not args.no_profile and "deit" in cases:
-        profile_case(cases["deit"], args.profile_observer, args.profile_images, args.top)
+        profile_case(cases["deit"], args.profile_observer, args.profile_images, args.top, attention)
     print()
     print(f"Total wall time of this script: {time.perf_counter() - started:.0f} s")
 

@@ -37,8 +37,12 @@ from torch import Tensor
 
 __all__ = ["CACHE_FORMAT", "ProbeCache", "image_digest", "probe_cache_key", "weights_digest"]
 
-CACHE_FORMAT = 3
-"""Version of the key recipe and file layout; entries of another version never match."""
+CACHE_FORMAT = 4
+"""Version of the key recipe and file layout; entries of another version never match.
+
+Also bumped when the code behind the scores changes what a key stands for (4: the histogram observers' bins became
+linear within each octave, which moves percentile and MSE activation ranges, and so the activation scores).
+"""
 
 SKIPPED_STATE = ("quantizer", "bias_correction")
 """State-dict entries that calibration fills (observer statistics): they are covered by the data and settings."""

@@ -158,7 +158,14 @@ def test_from_file_reproduces_the_same_accuracy_exactly(default_run, tmp_path):
 
 @pytest.mark.slow
 def test_deit_tiny_runs_the_full_chain_and_quantizes_every_layer(tiny_image_folder, tmp_path):
-    config = edited_config(tmp_path, "deit.yaml", set_callback_arg(1, "num_samples", 6))
+    cheap = [  # the probe on 6 images, the ranking-aware refinement (callback 3) with a short search
+        set_callback_arg(1, "num_samples", 6),
+        set_callback_arg(3, "candidates", 6),
+        set_callback_arg(3, "rounds", 1),
+    ]
+    callbacks = yaml.safe_load((CONFIGS / "deit.yaml").read_text())["trainer"]["callbacks"]
+    assert callbacks[3]["class_path"].endswith("AttentionRefinement")
+    config = edited_config(tmp_path, "deit.yaml", lambda c: [edit(c) for edit in cheap])
     cli, out = run_validate(
         tmp_path,
         config,
@@ -185,7 +192,7 @@ def test_deit_tiny_runs_the_full_chain_and_quantizes_every_layer(tiny_image_fold
     assert names[0] == "patch_embed.proj" and names[-1] == "head"
     for suffix in ("attn.qkv", "attn.matmul_qk", "attn.matmul_av", "attn.proj", "mlp.fc1", "mlp.fc2"):
         assert sum(n.endswith(suffix) for n in names) == 12
-    assert {row["kind"] for row in plan["layers"] if "matmul" in row["name"]} == {"matmul"}
+    assert {row["spec"]["kind"] for row in plan["layers"] if "matmul" in row["name"]} == {"matmul"}
     # first_last_bits: 8 pins the patch embedding and the head.
     assert plan["layers"][0]["pinned"] and plan["layers"][-1]["pinned"]
     assert all(row["sensitivity"]["w"] and row["sensitivity"]["a"] for row in plan["layers"])

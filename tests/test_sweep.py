@@ -22,7 +22,7 @@ from lit_mpq.report import pareto_figure
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_sweep(tmp_path: Path, config: str, *extra: str) -> tuple[Path, Path, list[dict[str, str]], str]:
+def run_sweep(tmp_path: Path, config: str | Path, *extra: str) -> tuple[Path, Path, list[dict[str, str]], str]:
     """Run a sweep in-process; return the config's run folder, the sweep folder, the CSV rows and what it printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -30,7 +30,7 @@ def run_sweep(tmp_path: Path, config: str, *extra: str) -> tuple[Path, Path, lis
             [
                 "sweep",
                 "--config",
-                str(REPO / "configs" / config),
+                str(config if isinstance(config, Path) else REPO / "configs" / config),
                 f"--trainer.logger.init_args.save_dir={tmp_path}",
                 "--trainer.enable_progress_bar=false",
                 *extra,
@@ -230,9 +230,14 @@ def test_sweep_without_a_probe_says_what_is_missing(tmp_path, capsys):
 @pytest.mark.slow
 def test_deit_tiny_runs_every_policy_end_to_end(tmp_path, tiny_image_folder):
     """Exact budgets, uniform baselines, the seed rule and random allocations, all on DeiT-Tiny (no pretrained)."""
+    config = yaml.safe_load((REPO / "configs" / "deit.yaml").read_text())
+    refinement = config["trainer"]["callbacks"][3]
+    assert refinement["class_path"].endswith("AttentionRefinement")
+    refinement["init_args"].update(candidates=6, rounds=1, num_samples=4)  # every point refines: keep it cheap
+    (tmp_path / "deit.yaml").write_text(yaml.safe_dump(config))
     _, out, rows, _ = run_sweep(
         tmp_path,
-        "deit.yaml",
+        tmp_path / "deit.yaml",
         "--model.init_args.pretrained=false",
         "--model.init_args.checkpoint_path=null",  # random weights: the shared file has 1000 outputs, not 3
         "--model.init_args.num_classes=3",

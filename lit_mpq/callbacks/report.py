@@ -135,15 +135,15 @@ class Report(Callback):
         for name, quantizer in quantizers:
             row: dict[str, Any] = {
                 "observer": type(quantizer.observer).__name__,
-                "min": float(quantizer.observer.min_val),
-                "max": float(quantizer.observer.max_val),
+                # One range per tensor, or one per channel (the post-LayerNorm reparameterization)
+                "min": _plain(quantizer.observer.min_val),
+                "max": _plain(quantizer.observer.max_val),
                 "bits": quantizer.bits,
             }
             if quantizer.bits is not None and quantizer.observer.has_data:
                 scale, zero_point = quantizer.qparams(quantizer.bits)
                 # One value per tensor, or one per channel (per-channel activation quantizers)
-                row["scale"] = float(scale) if scale.numel() == 1 else scale.flatten().tolist()
-                row["zero_point"] = int(zero_point) if zero_point.numel() == 1 else zero_point.flatten().tolist()
+                row["scale"], row["zero_point"] = _plain(scale), _plain(zero_point)
             table[name] = row
         return table
 
@@ -227,3 +227,8 @@ def check_output_dir(out: Path, written_by_this_run: set[Path] | None = None) ->
 
 class RunDirectoryError(ValueError):
     """The run's output folder cannot be used (not writable, or it holds another run's results)."""
+
+
+def _plain(t: torch.Tensor) -> float | int | list:
+    """A scalar tensor as a number, a per-channel one as a list (for JSON)."""
+    return t.item() if t.numel() == 1 else t.flatten().tolist()

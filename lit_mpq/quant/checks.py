@@ -87,8 +87,8 @@ def check_calibrated(model: nn.Module) -> None:
             )
         if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
             raise NonFiniteError(
-                f"the input of layer {name!r} held infinite values during calibration (range {float(low):g} .. "
-                f"{float(high):g}): check the model's weights and the calibration images"
+                f"the input of layer {name!r} held infinite values during calibration (range {float(low.min()):g} .. "
+                f"{float(high.max()):g}): check the model's weights and the calibration images"
             )
 
 

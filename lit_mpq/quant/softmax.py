@@ -14,7 +14,7 @@ scale))``), as both papers do.
 Example:
     >>> import torch
     >>> log_quantize_dequantize(torch.tensor([1.0, 0.3, 0.01, 0.0]), torch.tensor(1.0), bits=3, steps_per_octave=1)
-    tensor([1.0000, 0.2500, 0.0156, 0.0000])
+    tensor([1.0000, 0.2500, 0.0000, 0.0000])
 """
 
 from __future__ import annotations

@@ -49,12 +49,18 @@ def round_trip_mse(x: torch.Tensor, low, high, bits: int, symmetric: bool) -> fl
     return quantization_mse(x, scale, zp, qmin, qmax, None).item()
 
 
-def brute_force_best_mse(x: torch.Tensor, bits: int, symmetric: bool, grid: int = 400) -> float:
+def brute_force_best_mse(
+    x: torch.Tensor, bits: int, symmetric: bool, grid: int = 400, two_ended: bool = False
+) -> float:
+    """Smallest round-trip error over shrunken ranges: one shared factor, or every pair of per-end factors."""
     low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
     if symmetric:
         bound = max(-low, high)
         low, high = -bound, bound
-    return min(round_trip_mse(x, a * low, a * high, bits, symmetric) for a in np.linspace(1.0 / grid, 1.0, grid))
+    alphas = np.linspace(1.0 / grid, 1.0, grid)
+    if two_ended:
+        return min(round_trip_mse(x, a * low, b * high, bits, symmetric) for a in alphas for b in alphas)
+    return min(round_trip_mse(x, a * low, a * high, bits, symmetric) for a in alphas)
 
 
 # ------------------------------------------------------------------------------------------------ MinMax vs ao
@@ -414,6 +420,33 @@ def test_mse_observer_close_to_brute_force_best(data, symmetric, bits):
         assert got < 0.5 * minmax
 
 
+@pytest.mark.parametrize("data", ["gelu", "skewed_normal", "relu"])
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_asymmetric_mse_searches_both_ends_independently(data, bits):
+    """Against a brute-force search of every (lower, upper) pair of shrink factors on the raw values."""
+    gen = torch.Generator().manual_seed(21)
+    z = torch.randn(20_000, generator=gen)
+    x = {
+        "gelu": torch.nn.functional.gelu(z * 1.5 + (torch.rand(20_000, generator=gen) < 0.01) * 12.0),
+        "skewed_normal": torch.where(z > 0, z * 6.0, z * 0.5),  # a long upper tail, a short lower one
+        "relu": torch.relu(z) * 3,
+    }[data]
+    obs = MSEObserver(symmetric=False)
+    obs(x)
+    low, high = obs.clip_range(bits)
+    got = round_trip_mse(x, low, high, bits, symmetric=False)
+    best_pair = brute_force_best_mse(x, bits, symmetric=False, grid=50, two_ended=True)
+    best_shared = brute_force_best_mse(x, bits, symmetric=False, grid=50)
+    assert got <= 1.03 * best_pair
+    assert low.item() >= x.min().item() and high.item() <= x.max().item()
+    if data == "relu":  # nothing below zero to clip: the lower end stays at 0
+        assert low.item() == 0.0
+    elif data == "skewed_normal":  # never worse than one shared factor, and at 3 bits clearly better
+        assert got <= 1.01 * best_shared
+        if bits == 3:
+            assert got < 0.9 * best_shared
+
+
 def all_pairs_errors(values, counts, lows, highs, noise):
     """``candidate_errors`` the direct way: every candidate range against every bin."""
     lows, highs, noise = lows[:, None], highs[:, None], noise[:, None]
@@ -451,9 +484,10 @@ def test_candidate_errors_equal_the_all_pairs_sum(data, symmetric):
         ref = all_pairs_errors(values, counts, lows, highs, noise)
         assert torch.allclose(fast, ref, rtol=1e-9, atol=1e-12 * float(ref.max()))
         assert int(torch.argmin(fast)) == int(torch.argmin(ref))
-        clip_low, clip_high = obs.clip_range(bits)
-        best = int(torch.argmin(ref))
-        assert (clip_low.item(), clip_high.item()) == (lows[best].float().item(), highs[best].float().item())
+        if symmetric:  # one shared factor: the observer's search is exactly this candidate set
+            clip_low, clip_high = obs.clip_range(bits)
+            best = int(torch.argmin(ref))
+            assert (clip_low.item(), clip_high.item()) == (lows[best].float().item(), highs[best].float().item())
 
 
 def test_mse_observer_rejects_invalid_candidates():

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -129,6 +132,17 @@ def test_tensorboard_event_file_has_every_required_tag(default_run):
     assert {"hp/top1", "hp/energy_uj_per_image"} <= tags["scalars"]
     raw = b"".join(event.read_bytes() for event in events)
     assert b"_hparams_/session_start_info" in raw
+
+
+def test_tensorboard_figures_are_the_saved_pngs_pixel_for_pixel(default_run):
+    _, out = default_run
+    acc = EventAccumulator(str(out), size_guidance={"images": 0})
+    acc.Reload()
+    for name in ("bits_per_layer", "summary", "sensitivity_heatmap"):
+        (event,) = acc.Images(f"figures/{name}")
+        with Image.open(io.BytesIO(event.encoded_image_string)) as logged, Image.open(out / f"{name}.png") as saved:
+            assert logged.size == saved.size
+            assert np.array_equal(np.asarray(logged.convert("RGB")), np.asarray(saved.convert("RGB")))
 
 
 def test_from_file_reproduces_the_same_accuracy_exactly(default_run, tmp_path):

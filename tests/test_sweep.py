@@ -133,6 +133,7 @@ def test_each_point_is_its_own_tensorboard_run_and_the_config_keeps_its_own(digi
     assert hparams_of(config)["policy"] == rows[0]["policy"]  # not the last point's
     images = set(config.Tags()["images"])
     assert {"figures/bits_per_layer", "figures/summary", "sweep/pareto", "sweep/summary"} <= images
+    assert {"figures/sensitivity_histogram", "figures/sensitivity_heatmap"} <= images  # the probe's, once
     assert [event.value for event in config.Scalars("sweep/top1")] == pytest.approx(
         [float(r["top1"]) for r in rows], abs=0.006
     )
@@ -142,7 +143,10 @@ def test_each_point_is_its_own_tensorboard_run_and_the_config_keeps_its_own(digi
     for row in rows[1:]:
         point = tensorboard_run(out / row["name"])
         assert hparams_of(point)["policy"] == row["policy"]
-        assert {"figures/bits_per_layer", "figures/summary"} <= set(point.Tags()["images"])
+        point_images = set(point.Tags()["images"])
+        assert {"figures/bits_per_layer", "figures/summary"} <= point_images
+        assert not {"figures/sensitivity_histogram", "figures/sensitivity_heatmap"} & point_images
+        assert not (out / row["name"] / "sensitivity_heatmap.png").exists()
         assert (out / row["name"] / "card.yaml").is_file()
 
 
@@ -234,6 +238,9 @@ def test_deit_tiny_runs_every_policy_end_to_end(tmp_path, tiny_image_folder):
     refinement = config["trainer"]["callbacks"][3]
     assert refinement["class_path"].endswith("AttentionRefinement")
     refinement["init_args"].update(candidates=6, rounds=1, num_samples=4)  # every point refines: keep it cheap
+    report = config["trainer"]["callbacks"][-1]
+    assert report["class_path"].endswith("Report")
+    report["init_args"] = {"save_figures": False}  # figures of a 74-row plan cost seconds each; tested on ResNet-20
     (tmp_path / "deit.yaml").write_text(yaml.safe_dump(config))
     _, out, rows, _ = run_sweep(
         tmp_path,

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, run_dir
@@ -63,6 +65,9 @@ class Report(Callback):
         self.output_dir = output_dir
         self.save_figures = save_figures
         self.print_summary = print_summary
+        self.probe_figures = True
+        """Draw the figures of the sensitivity probe; a sweep's later points skip them (the probe is the config
+        run's, so its figures would be the same in every point)."""
         self.last_output_dir: Path | None = None
         self.last_summary: str | None = None
         """The few lines that say what the last run gave; the command line prints them when it ends."""
@@ -119,7 +124,7 @@ class Report(Callback):
         for logger in tensorboards:
             self._log_tensorboard(logger, pl_module, metrics)
         if self.save_figures:
-            self._figures(plan, pl_module, out, tensorboards, metrics)
+            self._figures(plan, pl_module, out, tensorboards, metrics, self.probe_figures)
         self.last_output_dir = out
         self.last_summary = run_summary(results, out)
 
@@ -170,15 +175,18 @@ class Report(Callback):
 
     @staticmethod
     def _figures(
-        plan, pl_module: pl.LightningModule, out: Path, tensorboards: list[TensorBoardLogger], metrics: dict[str, float]
+        plan,
+        pl_module: pl.LightningModule,
+        out: Path,
+        tensorboards: list[TensorBoardLogger],
+        metrics: dict[str, float],
+        probe_figures: bool,
     ) -> None:
         energy = pl_module.record.energy
-        figures = {
-            "bits_per_layer": bit_width_figure(plan),
-            "bit_distribution": bit_distribution_pie(plan),
-            "sensitivity_histogram": sensitivity_histogram_figure(plan),
-            "sensitivity_heatmap": sensitivity_heatmap_figure(plan),
-        }
+        figures = {"bits_per_layer": bit_width_figure(plan), "bit_distribution": bit_distribution_pie(plan)}
+        if probe_figures:
+            figures["sensitivity_histogram"] = sensitivity_histogram_figure(plan)
+            figures["sensitivity_heatmap"] = sensitivity_heatmap_figure(plan)
         if energy is not None:
             figures["energy_breakdown"] = energy_breakdown_figure(energy)
         record = pl_module.record
@@ -191,9 +199,12 @@ class Report(Callback):
             candidate_bits=record.sensitivity.candidate_bits if record.sensitivity is not None else None,
         )
         for name, fig in figures.items():
-            for logger in tensorboards:
-                logger.experiment.add_figure(f"figures/{name}", fig, 0, close=False)
-            save_figure(fig, out / f"{name}.png")
+            path = save_figure(fig, out / f"{name}.png")
+            if tensorboards:  # the saved pixels, not a second rendering: drawing is most of a figure's cost
+                with Image.open(path) as png:
+                    pixels = np.asarray(png.convert("RGB"))
+                for logger in tensorboards:
+                    logger.experiment.add_image(f"figures/{name}", pixels, 0, dataformats="HWC")
         for logger in tensorboards:
             logger.experiment.flush()
 

@@ -13,8 +13,9 @@ every point, so the rows done so far are on disk whatever happens.
 
 This is the Lightning side of :mod:`lit_mpq.sweep`. It talks to the callbacks only through their public interface:
 ``BitAllocator.policy`` (the allocator allocates afresh in every validation run, with the policy it then holds),
-``Report.output_dir`` and ``Report.print_summary`` (the points after the first print no summary of their own: the
-table at the end has them all), and :func:`lit_mpq.callbacks.allocation.energy_model_of`.
+``Report.output_dir``, ``Report.print_summary`` (the points after the first print no summary of their own: the
+table at the end has them all) and ``Report.probe_figures`` (the points draw no sensitivity figures: the probe's are
+in the config's run), and :func:`lit_mpq.callbacks.allocation.energy_model_of`.
 """
 
 from __future__ import annotations
@@ -65,19 +66,21 @@ def _logger_for_point(logger: Logger, sweep_dir: Path, name: str) -> Logger:
 def _point_run(trainer: pl.Trainer, reports: Sequence[Report], sweep_dir: Path, name: str) -> Iterator[None]:
     """Send the loggers and the ``Report`` callbacks to the point's own run for the block, and back afterwards."""
     loggers = list(trainer.loggers)
-    saved = [(report.output_dir, report.print_summary) for report in reports]
+    saved = [(report.output_dir, report.print_summary, report.probe_figures) for report in reports]
     trainer.loggers = [_logger_for_point(logger, sweep_dir, name) for logger in loggers]
     for report in reports:
         # Explicit, so a run without a logger (output in default_root_dir) also gets a folder per point.
         report.output_dir = str(sweep_dir / name)
         # One summary per point would bury the sweep's table, which says the same for every point at the end.
         report.print_summary = False
+        # The probe is the config run's: its figures are there, and would be the same in every point.
+        report.probe_figures = False
     try:
         yield
     finally:
         trainer.loggers = loggers
-        for report, (output_dir, print_summary) in zip(reports, saved, strict=True):
-            report.output_dir, report.print_summary = output_dir, print_summary
+        for report, (output_dir, print_summary, probe_figures) in zip(reports, saved, strict=True):
+            report.output_dir, report.print_summary, report.probe_figures = output_dir, print_summary, probe_figures
 
 
 def _check_candidates(settings: SweepSettings, probe: SensitivityProbe) -> None:

@@ -1,4 +1,4 @@
-"""Logarithmic quantization of softmax outputs (FQ-ViT log2, RepQ-ViT log√2) against brute force and the uniform grid."""
+"""Logarithmic softmax quantization (FQ-ViT log2, RepQ-ViT log√2) against brute force and the uniform grid."""
 
 from __future__ import annotations
 

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lit_mpq.data import ImageFolderDataModule
+from lit_mpq.quant.apply import QuantSettings
+
+VIT_RECIPE = QuantSettings(
+    act_observer="mse",
+    weight_observer="mse",
+    weight_granularity="per_channel",
+    softmax_quantizer="log_sqrt2",
+    post_layernorm="reparam",
+    act_observer_overrides=((r"blocks\..*\.mlp\.fc2", "percentile"),),
+)
+"""The calibration settings of ``configs/deit.yaml`` and ``configs/vit_tiny.yaml``."""
+
 
 def fresh_run_dir(out: Path) -> Path:
     """The next unused ``out/run_<k>`` folder, created: a run never writes into another run's folder."""
@@ -24,3 +37,23 @@ def quiet_run_args(config: str, out: Path) -> list[str]:
         "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={fresh_run_dir(out)}",  # one folder per run: runs never share results
     ]
+
+
+def imagenet_data(root: Path, backbone: str, calibration: int, batch_size: int = 100) -> ImageFolderDataModule:
+    """The shared ImageNet images for ``backbone``, set up.
+
+    ``calibration`` images of ``imagenet_sample_1000`` to calibrate, the 1,300 of ``imagenet_val_1300`` to evaluate,
+    labelled through ``imagenet_classes.txt``.
+    """
+    data = ImageFolderDataModule(
+        root=str(root),
+        val_dir="imagenet_val_1300",
+        calib_dir="imagenet_sample_1000",
+        classes_file=str(Path(root) / "imagenet_classes.txt"),
+        backbone=backbone,
+        batch_size=batch_size,
+        num_workers=2,
+        num_calibration_samples=calibration,
+    )
+    data.setup("validate")
+    return data

@@ -51,11 +51,11 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from _runs import fresh_run_dir
+from _runs import fresh_run_dir, imagenet_data
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lit_mpq.data import CIFARDataModule, ImageFolderDataModule
+from lit_mpq.data import CIFARDataModule
 from lit_mpq.models import create_backbone
 from lit_mpq.plan import QuantPlan
 from lit_mpq.quant.apply import (
@@ -137,17 +137,7 @@ def load_deit(args: argparse.Namespace) -> Setup:
     """DeiT-Tiny on the shared weights; ImageNet sample to calibrate, the 1300 validation images to evaluate."""
     root = Path(args.data_root)
     model = create_backbone(DEIT, checkpoint_path=str(root / "deit_tiny_patch16_224.pt")).eval()
-    data = ImageFolderDataModule(
-        root=str(root),
-        val_dir="imagenet_val_1300",
-        calib_dir="imagenet_sample_1000",
-        classes_file=str(root / "imagenet_classes.txt"),
-        backbone=DEIT,
-        batch_size=64,
-        num_workers=2,
-        num_calibration_samples=args.calibration or 256,
-    )
-    data.setup("validate")
+    data = imagenet_data(root, DEIT, args.calibration or 256, batch_size=64)
     taps = [
         Tap("blocks.5.attn.qkv", 0, "blocks.5.attn.qkv input", "after LayerNorm (norm1)"),
         Tap("blocks.5.mlp.fc2", 0, "blocks.5.mlp.fc2 input", "after GELU: a heavy tail"),

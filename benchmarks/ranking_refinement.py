@@ -33,9 +33,9 @@ from pathlib import Path
 
 import timm
 import torch
+from _runs import imagenet_data
 from torch import Tensor, nn
 
-from lit_mpq.data import ImageFolderDataModule
 from lit_mpq.quant.apply import (
     QuantSettings,
     apply_plan,
@@ -106,17 +106,7 @@ def main() -> None:
     model = timm.create_model(BACKBONE, pretrained=False)
     model.load_state_dict(torch.load(root / f"{BACKBONE}.pt", weights_only=True))
     model.eval()
-    data = ImageFolderDataModule(
-        root=str(root),
-        val_dir="imagenet_val_1300",
-        calib_dir="imagenet_sample_1000",
-        classes_file=str(root / "imagenet_classes.txt"),
-        backbone=BACKBONE,
-        batch_size=100,
-        num_workers=2,
-        num_calibration_samples=args.calib_images,
-    )
-    data.setup("validate")
+    data = imagenet_data(root, BACKBONE, args.calib_images)
     calib = load_batches(data.calib_dataloader(), args.calib_images)
     val = load_batches(data.val_dataloader(), args.val_images)
 

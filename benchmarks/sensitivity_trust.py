@@ -33,10 +33,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from _runs import VIT_RECIPE, imagenet_data
 from scipy.stats import kendalltau
 from torch import Tensor, nn
 
-from lit_mpq.data import CIFARDataModule, ImageFolderDataModule
+from lit_mpq.data import CIFARDataModule
 from lit_mpq.models import create_backbone
 from lit_mpq.quant import QuantSettings, quant_layers, quantize_model, quantizers_mode, set_mode
 from lit_mpq.quant.apply import apply_post_layernorm, invalidate_qparams, measure_model
@@ -150,25 +151,8 @@ def prepare_vit(backbone: str, args: argparse.Namespace) -> tuple[nn.Module, lis
     model = timm.create_model(backbone, pretrained=False)
     model.load_state_dict(torch.load(SHARED / VIT_MODELS[backbone], weights_only=True))
     model.eval()
-    data = ImageFolderDataModule(
-        root=str(SHARED),
-        val_dir="imagenet_val_1300",
-        calib_dir="imagenet_sample_1000",
-        classes_file=str(SHARED / "imagenet_classes.txt"),
-        backbone=backbone,
-        batch_size=100,
-        num_workers=2,
-        num_calibration_samples=args.calibration_samples or 512,
-    )
-    data.setup("validate")
-    settings = QuantSettings(
-        act_observer="mse",
-        weight_observer="mse",
-        weight_granularity="per_channel",
-        softmax_quantizer="log_sqrt2",
-        post_layernorm="reparam",
-    )
-    quantize_model(model, settings)
+    data = imagenet_data(SHARED, backbone, args.calibration_samples or 512)
+    quantize_model(model, VIT_RECIPE)
     example = torch.zeros(1, 3, 224, 224)
     measure_model(model, example)
     apply_post_layernorm(model, example)

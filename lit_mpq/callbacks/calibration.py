@@ -61,6 +61,9 @@ class Calibration(Callback):
             (RepQ-ViT).
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"``, or ``"reparam"`` (per-channel
             ranges folded into the LayerNorm affine and the Linear, as in RepQ-ViT: per tensor at inference).
+        act_observer_overrides: ``{pattern: observer}``: layers whose name matches ``pattern`` (``re.fullmatch``,
+            in the order given) observe their input with ``observer`` instead of ``act_observer``, e.g.
+            ``{".*mlp.fc2": percentile}`` for a ViT's post-GELU activations.
 
     Raises:
         ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
@@ -78,6 +81,7 @@ class Calibration(Callback):
         attention: bool = True,
         softmax_quantizer: str = "uniform",
         post_layernorm: str = "per_tensor",
+        act_observer_overrides: dict[str, str] | None = None,
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -92,6 +96,7 @@ class Calibration(Callback):
             attention=attention,
             softmax_quantizer=softmax_quantizer,
             post_layernorm=post_layernorm,
+            act_observer_overrides=tuple((act_observer_overrides or {}).items()),
         )
         self._calibrated = False
         self.image_digests: list[bytes] = []

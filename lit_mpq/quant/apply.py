@@ -13,6 +13,7 @@ widths into the quantizers.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from lit_mpq.quant.modules import (
     quant_class,
     unsupported_reason,
 )
-from lit_mpq.quant.observers import build_observer
+from lit_mpq.quant.observers import OBSERVERS, build_observer
 from lit_mpq.quant.softmax import SOFTMAX_QUANTIZERS, build_softmax_quantizer
 from lit_mpq.quant.weights import GRANULARITIES, WEIGHT_METHODS
 
@@ -61,6 +62,10 @@ class QuantSettings:
             ``"reparam"``: per-channel ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
             :mod:`lit_mpq.quant.layernorm`), per tensor at inference. Applied by :func:`apply_post_layernorm`,
             which needs a forward pass.
+        act_observer_overrides: ``(pattern, observer)`` pairs: the input of a Conv2d/Linear layer whose fully
+            qualified name matches ``pattern`` (``re.fullmatch``; the first matching pair wins) gets ``observer``
+            instead of ``act_observer``. For a tensor whose best range differs from the rest, e.g. the post-GELU
+            inputs of a ViT's ``mlp.fc2``, whose rare large values an MSE range clips at the network's expense.
     """
 
     weight_granularity: str = "per_channel"
@@ -73,6 +78,7 @@ class QuantSettings:
     attention: bool = True
     softmax_quantizer: str = "uniform"
     post_layernorm: str = "per_tensor"
+    act_observer_overrides: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in GRANULARITIES:
@@ -91,6 +97,23 @@ class QuantSettings:
             raise ValueError(
                 f"post_layernorm {self.post_layernorm!r} is not known; choose one of {list(POST_LAYERNORM)}"
             )
+        for pattern, observer in self.act_observer_overrides:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"act_observer_overrides: {pattern!r} is not a regular expression ({err})") from None
+            if observer not in OBSERVERS:
+                raise ValueError(
+                    f"act_observer_overrides: {pattern!r} maps to unknown observer {observer!r}; choose one of "
+                    f"{sorted(OBSERVERS)}"
+                )
+
+    def observer_for(self, name: str) -> str:
+        """The activation observer of the layer named ``name`` (its override, or ``act_observer``)."""
+        for pattern, observer in self.act_observer_overrides:
+            if re.fullmatch(pattern, name):
+                return observer
+        return self.act_observer
 
     def activation_quantizer(self) -> ActivationQuantizer:
         """A fresh activation quantizer with these settings' observer."""
@@ -184,7 +207,7 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
             method=settings.weight_observer,
         )
         input_quantizer = ActivationQuantizer(
-            build_observer(settings.act_observer, settings.act_symmetric, settings.percentile)
+            build_observer(settings.observer_for(name), settings.act_symmetric, settings.percentile)
         ).to(module.weight.device)
         layer = quant_class(type(module)).from_float(module, weight_quantizer, input_quantizer)
         if settings.bias_correction:

@@ -375,14 +375,36 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         rep = self._reparameterization(active=True)
         if rep is None:
             return super().forward(x)
-        from lit_mpq.quant.layernorm import simulated_linear_params  # imports this module
-
         x_hat = self.input_quantizer(x)
         bits = self.weight_quantizer.bits
         if self.weight_quantizer.mode != "quant" or bits is None:
             return F.linear(x_hat, self.effective_weight(), self.bias)  # float weights: the fold is exact
-        weight, bias = simulated_linear_params(self, rep, lambda w: self._fake_quantize_uncached(w, bits))
+        weight, bias = self._simulated_params(rep, bits)
         return F.linear(x_hat, weight, bias)
+
+    def _simulated_params(self, rep, bits: int) -> tuple[Tensor, Tensor | None]:
+        """The folded deployment's weight and bias, cached while neither the parameters nor the input ranges change.
+
+        Quantizing ``W diag(r1)`` (an MSE weight search, per channel) costs far more than the layer itself, so it is
+        done once per weight width, weight content and input-range parameters, not in every forward.
+        """
+        from lit_mpq.quant.layernorm import simulated_linear_params  # imports this module
+
+        quantizer = self.weight_quantizer
+        input_scale = self.input_quantizer.qparams(self.input_quantizer.bits or 8)[0]  # the cached object rep used
+        frozen = not (torch.is_grad_enabled() and self.weight.requires_grad)
+        bias_version = _tensor_version(self.bias) if self.bias is not None else ()
+        key = ("reparam", bits, *self.weight_version(), *bias_version, torch.is_inference_mode_enabled())
+        cached = quantizer._cache.get(key) if frozen else None
+        if cached is not None and cached[0] is input_scale:  # identity: recomputed ranges are new tensors
+            return cached[1], cached[2]
+        weight, bias = simulated_linear_params(self, rep, lambda w: self._fake_quantize_uncached(w, bits))
+        if frozen:
+            stale = [k for k in quantizer._cache if k[0] == "reparam"]
+            for k in stale:
+                del quantizer._cache[k]
+            quantizer._cache[key] = (input_scale, weight, bias)
+        return weight, bias
 
     def input_feature_sum(self, x: Tensor) -> tuple[Tensor, int]:
         """Column sums of ``x`` flattened to ``[tokens, in_features]``, and the token count."""

@@ -118,6 +118,7 @@ def build_card(
     softmax_quantizer: str = "uniform",
     post_layernorm: str = "per_tensor",
     ranking_refinement: Mapping[str, Any] | None = None,
+    act_observer_overrides: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -129,8 +130,8 @@ def build_card(
         weight_observer: Weight range method, e.g. ``"minmax"`` or ``"mse"``.
         act_observer: Activation observer, e.g. ``"minmax"``, ``"percentile"`` or ``"mse"``.
         act_symmetric: Signed symmetric activation range.
-        percentile: Percentile kept by the percentile observer; recorded only when ``act_observer`` is
-            ``"percentile"`` (``None`` otherwise, since it had no effect).
+        percentile: Percentile kept by the percentile observer; recorded only when ``act_observer`` or an
+            override is ``"percentile"`` (``None`` otherwise, since it had no effect).
         bias_correction: Whether bias correction was applied after weight quantization.
         bn_folded: Whether BatchNorm was folded into the convolutions before quantization (lit_mpq's fake
             quantization does not fold: pass ``False``).
@@ -147,6 +148,7 @@ def build_card(
         post_layernorm: Treatment of LayerNorm outputs feeding a Linear (``"per_tensor"`` or ``"reparam"``).
         ranking_refinement: Settings of the ranking-aware refinement of the attention ranges, or ``None`` when it
             did not run.
+        act_observer_overrides: ``{pattern: observer}`` for the layers whose input another observer watched.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -161,6 +163,7 @@ def build_card(
         raise ValueError(f"calibration_images={calibration_images!r} must be a non-negative integer")
     candidates = [validate_bits(bits, "bits_candidates") for bits in bits_candidates]
     candidates.sort(key=lambda bits: (bits is None, bits or 0))
+    observers_used = {act_observer, *(act_observer_overrides or {}).values()}
     card: dict[str, Any] = {
         "card_version": CARD_FORMAT_VERSION,
         "weight_granularity": weight_granularity,
@@ -168,7 +171,8 @@ def build_card(
         "weight_observer": weight_observer,
         "act_observer": act_observer,
         "act_symmetric": bool(act_symmetric),
-        "percentile": float(percentile) if act_observer == "percentile" and percentile is not None else None,
+        "act_observer_overrides": dict(act_observer_overrides) if act_observer_overrides else None,
+        "percentile": float(percentile) if "percentile" in observers_used and percentile is not None else None,
         "first_last_precision": first_last_precision(plan),
         "attention": {
             "matmuls_quantized": bool(attention) and any(spec.kind == "matmul" for spec in plan.specs.values()),

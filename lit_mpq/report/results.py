@@ -117,6 +117,7 @@ def run_card(
         softmax_quantizer=settings.get("softmax_quantizer", "uniform"),
         post_layernorm=settings.get("post_layernorm", "per_tensor"),
         ranking_refinement=record.refinement.get("settings") if record.refinement else None,
+        act_observer_overrides=dict(settings.get("act_observer_overrides") or ()),
     )
 
 

@@ -1,6 +1,7 @@
 """Model surgery, layer measurement and plan application, against float models, torch.ao and FlopCounterMode."""
 
 import copy
+import re
 from collections import OrderedDict
 
 import pytest
@@ -168,6 +169,29 @@ def test_settings_reach_every_quantizer(settings, observer_type):
     assert first is not second  # one observer per layer
     if observer_type is PercentileObserver:
         assert first.percentile == 99.9
+
+
+def test_observer_overrides_pick_the_first_full_match_and_leave_the_rest_alone():
+    settings = QuantSettings(
+        act_observer="mse",
+        percentile=99.9,
+        act_observer_overrides=(("body\\..*", "percentile"), ("b.*", "minmax"), ("hea", "minmax")),
+    )
+    model = make_model()
+    quantize_model(model, settings)
+    observers = {name: type(layer.input_quantizer.observer) for name, layer in quant_layers(model).items()}
+    # "body.0": the first pattern wins over the second; "hea" is not a full match of "head".
+    assert observers == {"stem": MSEObserver, "body.0": PercentileObserver, "head": MSEObserver}
+    assert quant_layers(model)["body.0"].input_quantizer.observer.percentile == 99.9
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [((("fc2(", "percentile"),), "not a regular expression"), ((("fc2", "kl"),), "unknown observer 'kl'")],
+)
+def test_bad_observer_overrides_are_refused_naming_the_pattern(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        QuantSettings(act_observer_overrides=overrides)
 
 
 # ---------------------------------------------------------------------------------------------------- modes

@@ -122,3 +122,47 @@ def _per_tensor_vit(seed: int):
     set_mode(fresh, weights="off", activations="off")
     invalidate_qparams(fresh)
     return fresh, plan, [], x
+
+
+def test_the_folded_weight_is_cached_and_recomputed_when_what_it_depends_on_changes():
+    """The layer keeps Q(W diag(r1)) between forwards; new bits, ranges or weights give what a fresh layer gives."""
+    model, plan, _, x = reparameterized_vit(seed=2)
+    fc1 = model.blocks[0].mlp.fc1
+    tokens = torch.randn(2, 5, fc1.in_features) * 3
+
+    def fresh_output() -> torch.Tensor:  # the uncached computation, from the definitions
+        from lit_mpq.quant.layernorm import simulated_linear_params
+
+        rep = fc1.input_quantizer.reparameterization()
+        bits = fc1.weight_quantizer.bits
+        weight, bias = simulated_linear_params(fc1, rep, lambda w: fc1._fake_quantize_uncached(w, bits))
+        return F.linear(fc1.input_quantizer(tokens), weight, bias)
+
+    def check(calls_expected: int) -> None:
+        calls = []
+        original = fc1._fake_quantize_uncached
+        fc1._fake_quantize_uncached = lambda w, b: calls.append(b) or original(w, b)
+        try:
+            with torch.no_grad():
+                out = fc1(tokens)
+        finally:
+            del fc1._fake_quantize_uncached
+        assert len(calls) == calls_expected
+        assert torch.equal(out, fresh_output())
+
+    plan["blocks.0.mlp.fc1"].w_bits, plan["blocks.0.mlp.fc1"].a_bits = 6, 6
+    apply_plan(model, plan)
+    check(1)
+    check(0)  # served from the cache
+    plan["blocks.0.mlp.fc1"].w_bits = 4
+    apply_plan(model, plan)
+    check(1)
+    plan["blocks.0.mlp.fc1"].a_bits = 8  # other input ranges: other r1
+    apply_plan(model, plan)
+    check(1)
+    fc1.input_quantizer.set_range_factor(8, 0.5)
+    check(1)
+    with torch.no_grad():
+        fc1.weight.mul_(1.5)  # an in-place update bumps the weight's version
+    check(1)
+    check(0)

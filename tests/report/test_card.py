@@ -125,6 +125,12 @@ def test_bias_correction_and_percentile_recording():
     card = build_card(**card_args(bias_correction=True, act_observer="minmax", percentile=99.9))
     assert card["rounding"] == "nearest (round half to even) + bias correction"
     assert card["percentile"] is None  # no effect without the percentile observer
+    assert card["act_observer_overrides"] is None
+    overridden = build_card(
+        **card_args(act_observer="mse", percentile=99.9, act_observer_overrides={".*fc": "percentile"})
+    )
+    assert overridden["act_observer_overrides"] == {".*fc": "percentile"}
+    assert overridden["percentile"] == 99.9  # the override used it
 
 
 def test_arguments_match_quant_settings():

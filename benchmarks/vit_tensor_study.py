@@ -1,0 +1,123 @@
+"""Benchmark: which tensors of a ViT cost accuracy at a uniform bit width (DeiT-Tiny or ViT-Tiny, real images).
+
+Calibrates the config's recipe once (MSE activation and weight ranges, weights per channel, log√2 softmax, the
+post-LayerNorm reparameterization; 256 images of ``imagenet_sample_1000``), then evaluates variants on the first
+``--images`` images of ``imagenet_val_1300``: every tensor at W8A8 or W6A6, one kind of tensor at a time at 6 bits
+(the inputs of qkv, proj, fc1, fc2; the operands of q·kᵀ and softmax·V), and the fc2 inputs with other observers (the
+same histogram, read as min/max or percentile 99.99). The patch embedding and the head stay at W8A8, as the configs
+pin them. One row per variant: top-1 and the evaluation time::
+
+    python benchmarks/vit_tensor_study.py [--model deit|vit] [--images 500]
+
+Results: docs/vit.md ("Which tensors cost W6A6").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import timm
+import torch
+from _runs import VIT_RECIPE, imagenet_data
+
+from lit_mpq.quant.apply import (
+    apply_plan,
+    apply_post_layernorm,
+    invalidate_qparams,
+    measure_model,
+    quantize_model,
+    quantizers_mode,
+    set_mode,
+)
+from lit_mpq.quant.observers import HistogramObserver, MSEObserver, PercentileObserver
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODELS = {
+    "deit": ("deit_tiny_patch16_224", "deit_tiny_patch16_224.pt"),
+    "vit": ("vit_tiny_patch16_224", "vit_tiny_patch16_224_augreg.pt"),
+}
+READ_AS = {"mse": MSEObserver, "percentile": PercentileObserver, "minmax": HistogramObserver}
+"""The same histogram read three ways (HistogramObserver's own range is the observed min/max)."""
+
+# (label, {tensor kind: (w_bits, a_bits)}, bits of every other tensor, {tensor kind: observer})
+VARIANTS = [
+    ("W8A8 everything", {}, (8, 8), {}),
+    ("W6A6 everything", {}, (6, 6), {}),
+    ("W6 weights, A8", {}, (6, 8), {}),
+    ("W8, A6 activations", {}, (8, 6), {}),
+    *[(f"A6 at {kind} only", {kind: (8, 6)}, (8, 8), {}) for kind in ("qkv", "proj", "fc1", "fc2")],
+    *[(f"A6 at {kind} operands only", {kind: (6, 6)}, (8, 8), {}) for kind in ("q·kᵀ", "softmax·V")],
+    ("W6A6, fc2 inputs min/max", {}, (6, 6), {"fc2": "minmax"}),
+    ("W6A6, fc2 inputs at 8 bits", {"fc2": (6, 8)}, (6, 6), {}),
+    ("W6A6, fc2 inputs percentile 99.99", {}, (6, 6), {"fc2": "percentile"}),
+    ("W8A8, fc2 inputs percentile 99.99", {}, (8, 8), {"fc2": "percentile"}),
+]
+
+
+def tensor_kind(name: str, is_matmul: bool) -> str:
+    """``pinned`` (patch embedding, head), ``q·kᵀ``, ``softmax·V`` or the Linear's own name (qkv, proj, fc1, fc2)."""
+    if name in ("patch_embed.proj", "head"):
+        return "pinned"
+    if is_matmul:
+        return "q·kᵀ" if name.endswith("matmul_qk") else "softmax·V"
+    return name.rsplit(".", 1)[-1]
+
+
+def main() -> None:
+    """Calibrate once, then print one row per variant."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="deit")
+    parser.add_argument("--images", type=int, default=500, help="first N validation images")
+    args = parser.parse_args()
+    backbone, weights = MODELS[args.model]
+    model = timm.create_model(backbone, pretrained=False)
+    model.load_state_dict(torch.load(DATA / weights, weights_only=True))
+    model.eval()
+    data = imagenet_data(DATA, backbone, 256)
+    quantize_model(model, VIT_RECIPE)
+    example = torch.zeros(1, 3, 224, 224)
+    plan = measure_model(model, example)
+    apply_post_layernorm(model, example)
+    set_mode(model, weights="off", activations="observe")
+    with torch.inference_mode():
+        for x, *_ in data.calib_dataloader():
+            model(x)
+    set_mode(model, weights="off", activations="off")
+    invalidate_qparams(model)
+    batches, seen = [], 0
+    for x, y in data.val_dataloader():
+        batches.append((x, y))
+        seen += len(y)
+        if seen >= args.images:
+            break
+
+    def top1() -> float:
+        correct = total = 0
+        with torch.inference_mode():
+            for x, y in batches:
+                correct += int((model(x).argmax(-1) == y).sum())
+                total += len(y)
+        return 100 * correct / total
+
+    with quantizers_mode(model, "off"):
+        print(f"| FP32 | {top1():.1f} | |", flush=True)
+    modules = dict(model.named_modules())
+    kinds = {name: tensor_kind(name, plan.specs[name].kind == "matmul") for name in plan.layers}
+    for label, bits_of_kind, default, observer_of_kind in VARIANTS:
+        for name, layer in plan.layers.items():
+            observer = getattr(getattr(modules[name], "input_quantizer", None), "observer", None)
+            if isinstance(observer, HistogramObserver):  # not the reparameterized (per-channel min/max) inputs
+                observer.__class__ = READ_AS[observer_of_kind.get(kinds[name], "mse")]
+                observer.percentile, observer.num_candidates = 99.99, 200
+            layer.w_bits, layer.a_bits = (8, 8) if kinds[name] == "pinned" else bits_of_kind.get(kinds[name], default)
+        invalidate_qparams(model)
+        apply_plan(model, plan)
+        start = time.perf_counter()
+        accuracy = top1()
+        print(f"| {label} | {accuracy:.1f} | {time.perf_counter() - start:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -241,6 +241,9 @@ def test_deit_tiny_runs_every_policy_end_to_end(tmp_path, tiny_image_folder):
     report = config["trainer"]["callbacks"][-1]
     assert report["class_path"].endswith("Report")
     report["init_args"] = {"save_figures": False}  # figures of a 74-row plan cost seconds each; tested on ResNet-20
+    calibration = config["trainer"]["callbacks"][0]
+    assert calibration["class_path"].endswith("Calibration")
+    calibration["init_args"]["weight_observer"] = "minmax"  # the MSE weight search is the costliest step per point
     (tmp_path / "deit.yaml").write_text(yaml.safe_dump(config))
     _, out, rows, _ = run_sweep(
         tmp_path,
@@ -282,7 +285,8 @@ def test_resnet20_frontier_figure_keeps_the_band_where_comparisons_happen(tmp_pa
         "--data.init_args.train_npz=" + str(shared_data / "cifar10_train_4k_lossless.npz"),
         "--data.init_args.test_npz=" + str(shared_data / "cifar10_test_1k_lossless.npz"),
         "--trainer.accelerator=cpu",
-        "--num_budgets=4",
+        "--data.init_args.max_val_samples=500",
+        "--num_budgets=3",
         "--baselines=[W8A8, W4A4]",
         "--seed_rule=false",
     )

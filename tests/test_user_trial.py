@@ -50,13 +50,15 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str) -> 
 
 
 def config_with(tmp_path: Path, base: str, edit=None, name: str = "edited.yaml") -> Path:
-    """A copy of ``configs/<base>`` with the logger and the probe cache under ``tmp_path``, changed by ``edit``."""
+    """A copy of ``configs/<base>``: logger and probe cache under ``tmp_path``, no figures, then changed by ``edit``."""
     config = yaml.safe_load((CONFIGS / base).read_text())
     config["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path / "logs"), name="run")
     config["trainer"]["enable_progress_bar"] = False
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("SensitivityProbe"):
             callback.setdefault("init_args", {})["cache_dir"] = str(tmp_path / "cache")
+        if callback["class_path"].endswith("Report"):  # figures cost seconds a run; test_cli and test_sweep check them
+            callback.setdefault("init_args", {}).setdefault("save_figures", False)
     if edit is not None:
         edit(config)
     path = tmp_path / name

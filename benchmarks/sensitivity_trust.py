@@ -1,4 +1,4 @@
-"""Benchmark: how far each sensitivity metric can be trusted (Kendall's tau against measured accuracy drops).
+r"""Benchmark: how far each sensitivity metric can be trusted (Kendall's tau against measured accuracy drops).
 
 For each model, every quantized row of the plan is quantized alone (its ``"w"`` tensor, or its ``"a"`` tensor) at
 each probed bit width, and the top-1 drop is measured; Kendall's tau (tau-b) between a metric's scores
@@ -15,21 +15,28 @@ over all rows and, when a model has matmuls, separately over the weight layers a
   calibration on ``imagenet_sample_1000``, with the quantization settings of ``configs/deit.yaml`` (MSE activation
   and weight ranges, per-channel weights, log-sqrt2 softmax levels, post-LayerNorm reparameterization). 74 rows x 2
   kinds x 2 bit widths is about 300 evaluations of the validation set: ``--eval-limit`` evaluates on the first N
-  images only (the script prints the number of evaluations and an estimate of their time before starting).
+  images only, ``--rows`` measures the rows whose names match a regular expression (e.g. four of the twelve blocks,
+  the patch embedding and the head), and each evaluation resumes at the block its row lives in (the float blocks
+  before it run once, their outputs are kept), which halves the cost on average. The script prints the number of
+  evaluations and an estimate of their time before starting. Scores of every metric cover all rows; tau is taken
+  over the measured ones.
 
 Uses the pure-PyTorch API (no Trainer)::
 
     python benchmarks/sensitivity_trust.py [--models cifar_resnet20 cifar_resnet32] [--bits 2 3 4]
-    python benchmarks/sensitivity_trust.py --models deit_tiny_patch16_224 [--bits 3 4] [--eval-limit 500]
+    python benchmarks/sensitivity_trust.py --models deit_tiny_patch16_224 [--bits 3 4] [--eval-limit 500] \
+        [--rows 'patch_embed.*|head|blocks\.(0|4|8|11)\..*'] [--kl-samples 64]
     python benchmarks/sensitivity_trust.py --models deit_tiny_patch16_224 --metrics output_l2 fisher --dry-run
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -79,25 +86,27 @@ def first_images(loader, limit: int | None) -> Batches:
     return batches
 
 
-def measured_drops(model: nn.Module, batches: Batches, bits_list: list[int], reference: float) -> Drops:
-    """Top-1 drop (points) with one quantizer on at a time: ``drops[name][kind][bits]``.
+def measured_drops(
+    model: nn.Module, rows: Sequence[str], bits_list: list[int], reference: float, evaluate: Callable[[str], float]
+) -> Drops:
+    """Top-1 drop (points) with one quantizer on at a time: ``drops[name][kind][bits]`` for each of ``rows``.
 
     Every row of :func:`quant_layers` (weight layers and attention matmuls alike) is reached through
-    ``layer.quantizer(kind)``.
+    ``layer.quantizer(kind)``; ``evaluate(row)`` gives the top-1 with that row's quantizer the only one on.
     """
     layers = quant_layers(model)
     drops: Drops = {}
-    total, done, start = len(layers) * len(KINDS) * len(bits_list), 0, time.perf_counter()
-    for name, layer in layers.items():
+    total, done, start = len(rows) * len(KINDS) * len(bits_list), 0, time.perf_counter()
+    for name in rows:
         drops[name] = {kind: {} for kind in KINDS}
         for kind in KINDS:
-            quantizer = layer.quantizer(kind)
+            quantizer = layers[name].quantizer(kind)
             saved = quantizer.bits
             try:
                 for bits in bits_list:
                     with quantizers_mode(model, "off"):
                         quantizer.mode, quantizer.bits = "quant", bits
-                        drops[name][kind][bits] = reference - top1(model, batches)
+                        drops[name][kind][bits] = reference - evaluate(name)
                     done += 1
             finally:
                 quantizer.mode, quantizer.bits = "off", saved
@@ -107,6 +116,74 @@ def measured_drops(model: nn.Module, batches: Batches, bits_list: list[int], ref
             flush=True,
         )
     return drops
+
+
+def whole_top1(model: nn.Module, batches: Batches, row: str) -> float:
+    """Top-1 of the whole model, whichever ``row`` is on (models without a resumable block structure)."""
+    return top1(model, batches)
+
+
+class BlockResume:
+    """Top-1 of a timm vision transformer resumed at the block a row lives in.
+
+    The float tokens entering every block are computed once (all quantizers off); a row inside ``blocks.<k>`` then
+    only needs blocks ``k..`` and the head, which is exact because the quantizer under test is the only one on and
+    everything before block ``k`` is float. Rows outside the blocks (patch embedding, head) run the whole model.
+    """
+
+    def __init__(self, model: nn.Module, batches: Batches) -> None:
+        self.model, self.batches = model, batches
+        self.tokens: list[list[Tensor]] = []  # tokens[i][k]: batch i entering block k
+        with torch.no_grad(), quantizers_mode(model, "off"):
+            for x, _ in batches:
+                t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+                entering = []
+                for block in model.blocks:
+                    entering.append(t)
+                    t = block(t)
+                self.tokens.append(entering)
+
+    @staticmethod
+    def block_of(row: str) -> int | None:
+        """The index of the block ``row`` lives in, or None outside the blocks."""
+        match = re.match(r"blocks\.(\d+)\.", row)
+        return int(match.group(1)) if match else None
+
+    @torch.no_grad()
+    def top1(self, row: str) -> float:
+        """Top-1 (percent) with the model's quantizers as they are now, ``row``'s being the only one on."""
+        k = self.block_of(row)
+        if k is None:
+            return top1(self.model, self.batches)
+        correct = total = 0
+        for entering, (_, y) in zip(self.tokens, self.batches, strict=True):
+            t = entering[k]
+            for block in self.model.blocks[k:]:
+                t = block(t)
+            logits = self.model.forward_head(self.model.norm(t))
+            correct += int((logits.argmax(-1) == y).sum())
+            total += int(y.numel())
+        return 100.0 * correct / total
+
+
+def check_resume(
+    model: nn.Module, rows: Sequence[str], bits: int, resumed: Callable[[str], float], whole: Callable[[str], float]
+) -> None:
+    """Stop unless resuming at a block gives the whole model's top-1 for the last measured row inside a block."""
+    inside = [row for row in rows if BlockResume.block_of(row) not in (None, 0)]
+    if not inside:
+        return
+    quantizer = quant_layers(model)[inside[-1]].quantizer("a")
+    saved = quantizer.bits
+    try:
+        with quantizers_mode(model, "off"):
+            quantizer.mode, quantizer.bits = "quant", bits
+            got, want = resumed(inside[-1]), whole(inside[-1])
+    finally:
+        quantizer.mode, quantizer.bits = "off", saved
+    if got != want:
+        raise RuntimeError(f"resuming at a block changed the top-1 of {inside[-1]}: {got} vs {want}")
+    print(f"  resuming at a block checked on {inside[-1]} A{bits}: top-1 {got:.2f} both ways", flush=True)
 
 
 def tau(scores: Drops, drops: Drops, names: Sequence[str], kinds: Sequence[str], bits_list: list[int]) -> float:
@@ -192,11 +269,18 @@ def main() -> None:
     )
     parser.add_argument("--eval-limit", type=int, default=None, help="measure drops on the first N evaluation images")
     parser.add_argument("--eval-file", default="cifar10_test_jpeg10k.npz", help="CIFAR evaluation file")
+    parser.add_argument(
+        "--rows", default=None, help="measure drops only for rows whose names fully match this regular expression"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the evaluation count and time estimate, stop")
     args = parser.parse_args()
     for model_name in args.models:
         if model_name not in VIT_MODELS and not model_name.startswith("cifar_"):
             parser.error(f"unknown model {model_name!r}: cifar_* backbones or one of {list(VIT_MODELS)}")
+    try:
+        row_filter = re.compile(args.rows) if args.rows else None
+    except re.error as error:
+        parser.error(f"--rows {args.rows!r} is not a regular expression: {error}")
     torch.manual_seed(0)
     rows = []
     for backbone in args.models:
@@ -207,30 +291,38 @@ def main() -> None:
         layers = quant_layers(model)
         matmuls = [n for n, layer in layers.items() if is_quant_matmul(layer)]
         weighted = [n for n in layers if n not in matmuls]
+        measured = [n for n in layers if row_filter is None or row_filter.fullmatch(n)]
+        if not measured:
+            parser.error(f"--rows {args.rows!r} matches none of {backbone}'s rows ({', '.join(list(layers)[:4])}, ...)")
         images = sum(len(y) for _, y in batches)
         start = time.perf_counter()
         with quantizers_mode(model, "off"):
             reference = top1(model, batches)
         seconds = time.perf_counter() - start
-        evaluations = len(layers) * len(KINDS) * len(bits_list)
+        evaluate = (
+            BlockResume(model, batches).top1 if family == "vit" else functools.partial(whole_top1, model, batches)
+        )
+        evaluations = len(measured) * len(KINDS) * len(bits_list)
         print(
             f"{backbone}: FP32 top-1 {reference:.2f} % on {images} images of {eval_name} ({seconds:.1f} s); "
-            f"{len(layers)} rows ({len(weighted)} weight layers, {len(matmuls)} matmuls) x {len(KINDS)} kinds x "
-            f"{len(bits_list)} bit widths = {evaluations} evaluations, expected ~{evaluations * seconds / 60:.0f} min "
-            "(fake quantization adds a little per evaluation)",
+            f"{len(measured)} of {len(layers)} rows ({len(weighted)} weight layers, {len(matmuls)} matmuls) x "
+            f"{len(KINDS)} kinds x {len(bits_list)} bit widths = {evaluations} evaluations, at most "
+            f"~{evaluations * seconds / 60:.0f} min (fake quantization adds a little, resuming at a block saves more)",
             flush=True,
         )
         if args.dry_run:
             continue
-        drops = measured_drops(model, batches, bits_list, reference)
+        drops = measured_drops(model, measured, bits_list, reference, evaluate)
         for metric in args.metrics:
             probe, transform = SENSITIVITY_METRICS[metric]
             inputs = probe_batches(calib, metric, args)
             start = time.perf_counter()
-            stats = probe(model, inputs, bits_list)
+            # the end-to-end probe costs a network pass per setting: only the measured rows are probed
+            extra = {"rows": measured} if metric == "kl" else {}
+            stats = probe(model, inputs, bits_list, **extra)
             seconds = time.perf_counter() - start
             scores = stats.scores(transform)
-            names = list(scores)
+            names = [n for n in scores if n in drops]
             groups = {
                 "all": names,
                 "layers": [n for n in names if n in weighted],

@@ -16,7 +16,7 @@ settings change:
 Each row prints top-1 (percent), analytic energy (µJ/image, the config's energy model), parameter-weighted weight bits,
 element-weighted activation bits (matmul operands included) and the wall time of the whole ``validate`` call::
 
-    python benchmarks/vit_ptq.py [--models deit vit] [--calibration 256] [--no-ablations]
+    python benchmarks/vit_ptq.py [--models deit vit] [--calibration 256] [--rows main|ablations|all]
 
 On two CPU cores a row takes two to four minutes (one calibration pass, one quantized evaluation of 1,300 images).
 """
@@ -80,36 +80,43 @@ def run(config: str, out: Path, policy: Policy, calibration: int, fp32: bool, **
     }
 
 
+def jobs(rows: str) -> list[tuple[str, Policy, dict]]:
+    """The (row name, policy, calibration changes) of the ``rows`` lane: ``main``, ``ablations`` or ``all``."""
+    main_rows = [(f"uniform W{w}A{a}", Uniform(w, a), {}) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4))]
+    budget = ExactAllocation(energy_relative_to="W4A4", w_candidates=W_CANDIDATES, a_candidates=A_CANDIDATES)
+    main_rows.append(("exact allocator, energy <= uniform W4A4", budget, {}))
+    ablation_rows = [
+        (f"uniform W{w}A{a}, {name}", Uniform(w, a), dict(change))
+        for w, a in ((6, 6), (4, 4))
+        for name, change in ABLATIONS.items()
+    ]
+    return {"main": main_rows, "ablations": ablation_rows, "all": main_rows + ablation_rows}[rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--rows", choices=["main", "ablations", "all"], default="all")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/vit_ptq"))
     args = parser.parse_args()
     for model in args.models:
         config, out = CONFIGS[model], args.out / model
-        rows = []
-        first = run(config, out, Uniform(8, 8), args.calibration, fp32=True)
-        rows += [("FP32", {**first, "top1": first["fp32"], "energy": float("nan"), "avg_w": 32, "avg_a": 32})]
-        rows.append(("uniform W8A8", first))
-        for w, a in ((6, 6), (4, 8), (4, 4)):
-            rows.append((f"uniform W{w}A{a}", run(config, out, Uniform(w, a), args.calibration, fp32=False)))
-        budget = ExactAllocation(energy_relative_to="W4A4", w_candidates=W_CANDIDATES, a_candidates=A_CANDIDATES)
-        rows.append(("exact allocator, energy <= uniform W4A4", run(config, out, budget, args.calibration, False)))
-        if not args.no_ablations:
-            for w, a in ((6, 6), (4, 4)):
-                for name, change in ABLATIONS.items():
-                    result = run(config, out, Uniform(w, a), args.calibration, fp32=False, **change)
-                    rows.append((f"uniform W{w}A{a}, {name}", result))
-        print(f"\n`python benchmarks/vit_ptq.py --models {model} --calibration {args.calibration}` ({config})\n")
+        command = f"python benchmarks/vit_ptq.py --models {model} --calibration {args.calibration} --rows {args.rows}"
+        print(f"\n`{command}` ({config})\n")
         print("| setting | top-1 % | Δ vs FP32 | energy µJ/img | avg W bits | avg A bits | time s |")
-        print("|---|---|---|---|---|---|---|")
-        fp32_top1 = rows[0][1]["top1"]
-        for name, r in rows:
+        print("|---|---|---|---|---|---|---|", flush=True)
+        fp32_top1 = None
+        for name, policy, changes in jobs(args.rows):
+            # The first run also evaluates the FP32 model (same images, same pass), the reference of every Δ.
+            r = run(config, out, policy, args.calibration, fp32=fp32_top1 is None, **changes)
+            if fp32_top1 is None:
+                fp32_top1 = r["fp32"]
+                print(f"| FP32 | {fp32_top1:.2f} | +0.00 | | 32 | 32 | |")
             print(
                 f"| {name} | {r['top1']:.2f} | {r['top1'] - fp32_top1:+.2f} | {r['energy']:.1f} | {r['avg_w']:.2f} "
-                f"| {r['avg_a']:.2f} | {r['seconds']:.0f} |"
+                f"| {r['avg_a']:.2f} | {r['seconds']:.0f} |",
+                flush=True,  # rows appear as they finish: a long run can be read (and stopped) part way
             )
 
 

@@ -479,10 +479,14 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"which leaves none to evaluate on. Set num_calibration_samples below {len(val_full)} or add a "
                 "calibration folder (calib_dir)."
             )
-        rank_zero_info(
-            f"No calibration folder{f' at {calib_path}' if calib_path else ''}: using {n} seeded images of "
-            f"'{val_path}' for calibration and the other {len(val_full) - n} for evaluation."
-        )
+        split = f"using {n} seeded images of '{val_path}' to calibrate and the other {len(val_full) - n} to evaluate"
+        if calib_path is None:
+            rank_zero_info(f"No calibration folder (calib_dir is null): {split}.")
+        else:  # a named folder that is not there may be a typo: the evaluation set shrinks, so say it loudly
+            rank_zero_warn(
+                f"The calibration folder {calib_path} does not exist: {split}. Fix calib_dir, or set it to null to "
+                "split the validation folder on purpose."
+            )
         perm = torch.randperm(len(val_full), generator=torch.Generator().manual_seed(self.calibration_seed))
         self.calib_pool_indices = sorted(perm[:n].tolist())
         self.val_indices = sorted(perm[n:].tolist())

@@ -12,7 +12,7 @@ layers have it (the output-error and Fisher probes leave it out).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -32,6 +32,7 @@ def probe_end_to_end(
     forward: ForwardFn | None = None,
     kinds: tuple[str, ...] = ("w", "a"),
     progress: Callable[[int], None] | None = None,
+    rows: Collection[str] | None = None,
 ) -> SensitivityStats:
     """Sum of per-image ``KL(p_float || p_quant)`` with one quantizer on at a time.
 
@@ -42,10 +43,20 @@ def probe_end_to_end(
         forward: Callable running the model on a batch (default ``model``).
         kinds: ``"w"`` and/or ``"a"``.
         progress: Called with 1 after each (layer, kind, bits) setting.
+        rows: Probe only these rows of :func:`~lit_mpq.quant.apply.quant_layers` (default all); the others keep no
+            entry in the returned stats, so their scores are missing, never a silent zero.
+
+    Raises:
+        ValueError: ``rows`` names a row the model does not have.
     """
     run = forward or model
     inputs = list(batches)
     layers = quant_layers(model)
+    if rows is not None:
+        unknown = sorted(set(rows) - set(layers))
+        if unknown:
+            raise ValueError(f"probe_end_to_end: no quantized row named {unknown[:3]}; rows are {list(layers)[:3]}...")
+        layers = {name: layer for name, layer in layers.items() if name in rows}
     stats = SensitivityStats.empty(list(layers), candidates)
     stats.num_samples = sum(int(x.shape[0]) for x in inputs)
     with quantizers_mode(model, "off"):

@@ -128,3 +128,15 @@ class _QuantInput(nn.Module):
 
     def forward(self, x):
         return self.layer(self.fn(x))
+
+
+def test_end_to_end_rows_probes_only_those_rows_with_the_full_probes_numbers():
+    _, model, batches = setup()
+    names = list(quant_layers(model))
+    full = probe_end_to_end(model, batches, CANDIDATES)
+    subset = probe_end_to_end(model, batches, CANDIDATES, rows=[names[1]])
+    assert list(subset.weight_sq) == [names[1]] and list(subset.act_sq) == [names[1]]
+    assert subset.weight_sq[names[1]] == full.weight_sq[names[1]]
+    assert subset.act_sq[names[1]] == full.act_sq[names[1]]
+    with pytest.raises(ValueError, match="no quantized row named"):
+        probe_end_to_end(model, batches, CANDIDATES, rows=["not_a_layer"])

@@ -5,9 +5,11 @@ post-LayerNorm reparameterization; 256 images of ``imagenet_sample_1000``), then
 ``--images`` images of ``imagenet_val_1300``: every tensor at W8A8 or W6A6, one kind of tensor at a time at 6 bits
 (the inputs of qkv, proj, fc1, fc2; the operands of q·kᵀ and softmax·V), and the fc2 inputs with other observers (the
 same histogram, read as min/max or percentile 99.99). The patch embedding and the head stay at W8A8, as the configs
-pin them. One row per variant: top-1 and the evaluation time::
+pin them. ``--study w8a8`` asks the same of W8A8 instead: the recipe against MSE, min/max or percentile ranges
+everywhere, weights or activations alone at 8 bits, and one kind of tensor at a time at 8 bits with everything else in
+FP32 (the patch embedding and head included). One row per variant: top-1 and the evaluation time::
 
-    python benchmarks/vit_tensor_study.py [--model deit|vit] [--images 500]
+    python benchmarks/vit_tensor_study.py [--model deit|vit] [--images 500] [--study w6a6|w8a8]
 
 Results: docs/vit.md ("Which tensors cost W6A6").
 """
@@ -41,8 +43,8 @@ MODELS = {
 READ_AS = {"mse": MSEObserver, "percentile": PercentileObserver, "minmax": HistogramObserver}
 """The same histogram read three ways (HistogramObserver's own range is the observed min/max)."""
 
-# (label, {tensor kind: (w_bits, a_bits)}, bits of every other tensor, {tensor kind: observer})
-VARIANTS = [
+# (label, {tensor kind: (w_bits, a_bits)}, bits of every other tensor, {tensor kind or "*": observer}); None = FP32
+W6A6_VARIANTS = [
     ("W8A8 everything", {}, (8, 8), {}),
     ("W6A6 everything", {}, (6, 6), {}),
     ("W6 weights, A8", {}, (6, 8), {}),
@@ -54,6 +56,24 @@ VARIANTS = [
     ("W6A6, fc2 inputs percentile 99.99", {}, (6, 6), {"fc2": "percentile"}),
     ("W8A8, fc2 inputs percentile 99.99", {}, (8, 8), {"fc2": "percentile"}),
 ]
+RECIPE = {"fc2": "percentile"}
+LINEAR_KINDS = ("qkv", "proj", "fc1", "fc2")
+W8A8_VARIANTS = [
+    ("W8A8 recipe (fc2 inputs percentile 99.99, MSE elsewhere)", {}, (8, 8), RECIPE),
+    ("W8A8, MSE ranges everywhere", {}, (8, 8), {}),
+    ("W8A8, min/max ranges everywhere", {}, (8, 8), {"*": "minmax"}),
+    ("W8A8, percentile 99.99 everywhere", {}, (8, 8), {"*": "percentile"}),
+    ("W8, activations FP32", {}, (8, None), RECIPE),
+    ("A8, weights FP32", {}, (None, 8), RECIPE),
+    *[
+        (f"A8 at the {kind} inputs only", {kind: (None, 8)}, (None, None), RECIPE)
+        for kind in ("qkv", "proj", "fc1", "fc2")
+    ],
+    *[(f"{kind} operands at 8 bits only", {kind: (8, 8)}, (None, None), RECIPE) for kind in ("q·kᵀ", "softmax·V")],
+    ("A8 at patch embedding and head inputs only", {"pinned": (None, 8)}, (None, None), RECIPE),
+]
+STUDIES = {"w6a6": W6A6_VARIANTS, "w8a8": W8A8_VARIANTS}
+"""``w6a6``: the patch embedding and head stay at W8A8 (the configs pin them); ``w8a8``: they follow each row."""
 
 
 def tensor_kind(name: str, is_matmul: bool) -> str:
@@ -70,6 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="deit")
     parser.add_argument("--images", type=int, default=500, help="first N validation images")
+    parser.add_argument("--study", choices=sorted(STUDIES), default="w6a6", help="which set of variants")
     args = parser.parse_args()
     backbone, weights = MODELS[args.model]
     model = timm.create_model(backbone, pretrained=False)
@@ -105,15 +126,23 @@ def main() -> None:
         print(f"| FP32 | {top1():.1f} | |", flush=True)
     modules = dict(model.named_modules())
     kinds = {name: tensor_kind(name, plan.specs[name].kind == "matmul") for name in plan.layers}
-    for label, bits_of_kind, default, observer_of_kind in VARIANTS:
+    float_tensors = []
+    for label, bits_of_kind, default, observer_of_kind in STUDIES[args.study]:
+        pinned = (8, 8) if args.study == "w6a6" else default
+        float_tensors.clear()
         for name, layer in plan.layers.items():
             observer = getattr(getattr(modules[name], "input_quantizer", None), "observer", None)
             if isinstance(observer, HistogramObserver):  # not the reparameterized (per-channel min/max) inputs
-                observer.__class__ = READ_AS[observer_of_kind.get(kinds[name], "mse")]
+                kind_observer = observer_of_kind.get(kinds[name], observer_of_kind.get("*", "mse"))
+                observer.__class__ = READ_AS[kind_observer]
                 observer.percentile, observer.num_candidates = 99.99, 200
-            layer.w_bits, layer.a_bits = (8, 8) if kinds[name] == "pinned" else bits_of_kind.get(kinds[name], default)
+            bits = bits_of_kind.get(kinds[name], pinned if kinds[name] == "pinned" else default)
+            float_tensors += [(name, kind) for kind, b in zip("wa", bits, strict=True) if b is None]
+            layer.w_bits, layer.a_bits = (8 if b is None else b for b in bits)  # FP32 tensors switched off below
         invalidate_qparams(model)
         apply_plan(model, plan)
+        for name, kind in float_tensors:
+            modules[name].quantizer(kind).bits = None
         start = time.perf_counter()
         accuracy = top1()
         print(f"| {label} | {accuracy:.1f} | {time.perf_counter() - start:.0f} s |", flush=True)

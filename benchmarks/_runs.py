@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
 from lit_mpq.data import ImageFolderDataModule
 from lit_mpq.quant.apply import QuantSettings
 
@@ -57,3 +61,17 @@ def imagenet_data(root: Path, backbone: str, calibration: int, batch_size: int =
     )
     data.setup("validate")
     return data
+
+
+def evenly_spaced(dataset: Dataset, limit: int | None) -> Dataset:
+    """``limit`` images spread evenly over ``dataset`` (class folders are sorted: the first N would be few classes)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    indices = torch.linspace(0, len(dataset) - 1, limit).round().long().unique().tolist()
+    return Subset(dataset, indices)
+
+
+def cached_batches(dataset: Dataset, batch_size: int, num_workers: int) -> list[tuple[Tensor, Tensor]]:
+    """Every batch of ``dataset``, decoded once (the evaluation repeats for every row)."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return [(x, y) for x, y in loader]

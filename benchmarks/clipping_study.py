@@ -51,9 +51,9 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from _runs import fresh_run_dir, imagenet_data
+from _runs import cached_batches, evenly_spaced, fresh_run_dir, imagenet_data
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 
 from lit_mpq.data import CIFARDataModule
 from lit_mpq.models import create_backbone
@@ -117,20 +117,6 @@ class Setup:
     taps: list[Tap]
     fp32: float = float("nan")
     notes: list[str] = field(default_factory=list)
-
-
-def evenly_spaced(dataset: Dataset, limit: int | None) -> Dataset:
-    """``limit`` images spread evenly over ``dataset`` (class folders are sorted: the first N would be few classes)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    indices = torch.linspace(0, len(dataset) - 1, limit).round().long().unique().tolist()
-    return Subset(dataset, indices)
-
-
-def cached_batches(dataset: Dataset, batch_size: int, num_workers: int) -> list[tuple[Tensor, Tensor]]:
-    """Every batch of ``dataset``, decoded once (the evaluation repeats for every row)."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    return [(x, y) for x, y in loader]
 
 
 def load_deit(args: argparse.Namespace) -> Setup:

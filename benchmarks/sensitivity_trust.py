@@ -12,14 +12,13 @@ over all rows and, when a model has matmuls, separately over the weight layers a
   1000-image lossless set by less than its 0.1-point resolution); calibration and probing use the first 512
   lossless training images, MSE activation ranges.
 - DeiT-Tiny (``deit_tiny_patch16_224``): the shared timm weights, drops on the 1300 ``imagenet_val_1300`` images,
-  calibration on ``imagenet_sample_1000``, with the quantization settings of ``configs/deit.yaml`` (MSE activation
-  and weight ranges, per-channel weights, log-sqrt2 softmax levels, post-LayerNorm reparameterization). 74 rows x 2
-  kinds x 2 bit widths is about 300 evaluations of the validation set: ``--eval-limit`` evaluates on the first N
-  images only, ``--rows`` measures the rows whose names match a regular expression (e.g. four of the twelve blocks,
-  the patch embedding and the head), and each evaluation resumes at the block its row lives in (the float blocks
-  before it run once, their outputs are kept), which halves the cost on average. The script prints the number of
-  evaluations and an estimate of their time before starting. Scores of every metric cover all rows; tau is taken
-  over the measured ones.
+  calibration on ``imagenet_sample_1000``, with the quantization settings of ``configs/deit.yaml`` (MSE activation and
+  weight ranges, per-channel weights, log-sqrt2 softmax levels, post-LayerNorm reparameterization). 74 rows x 2 kinds
+  x 2 bit widths is about 300 evaluations of the validation set: ``--eval-limit`` evaluates on N evenly spaced images
+  only, ``--rows`` measures the rows whose names match a regular expression (e.g. four of the twelve blocks, the patch
+  embedding and the head), and each evaluation resumes at the block its row lives in (the float blocks before it run
+  once, their outputs are kept), which halves the cost on average. The script prints the number of evaluations and an
+  estimate of their time before starting. Scores of every metric cover all rows; tau is taken over the measured ones.
 
 Uses the pure-PyTorch API (no Trainer)::
 
@@ -40,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from _runs import VIT_RECIPE, imagenet_data
+from _runs import VIT_RECIPE, cached_batches, evenly_spaced, imagenet_data
 from scipy.stats import kendalltau
 from torch import Tensor, nn
 
@@ -237,7 +236,8 @@ def prepare_vit(backbone: str, args: argparse.Namespace) -> tuple[nn.Module, lis
     start = time.perf_counter()
     calibrate(model, calib)
     print(f"  calibrated on {sum(len(x) for x in calib)} images in {time.perf_counter() - start:.0f} s", flush=True)
-    return model, calib, first_images(data.val_dataloader(), args.eval_limit), "imagenet_val_1300"
+    # evenly spaced: the class folders are sorted, so the first N images would be a few classes
+    return model, calib, cached_batches(evenly_spaced(data.val_set, args.eval_limit), 100, 2), "imagenet_val_1300"
 
 
 def probe_batches(calib: list[Tensor], metric: str, args: argparse.Namespace) -> list[Tensor]:
@@ -267,7 +267,9 @@ def main() -> None:
     parser.add_argument(
         "--calibration-samples", type=int, default=None, help="calibration images (default 512; also probed)"
     )
-    parser.add_argument("--eval-limit", type=int, default=None, help="measure drops on the first N evaluation images")
+    parser.add_argument(
+        "--eval-limit", type=int, default=None, help="measure drops on N evaluation images (CIFAR: the first N)"
+    )
     parser.add_argument("--eval-file", default="cifar10_test_jpeg10k.npz", help="CIFAR evaluation file")
     parser.add_argument(
         "--rows", default=None, help="measure drops only for rows whose names fully match this regular expression"

@@ -63,7 +63,9 @@ class Calibration(Callback):
             ranges folded into the LayerNorm affine and the Linear, as in RepQ-ViT: per tensor at inference).
         act_observer_overrides: ``{pattern: observer}``: layers whose name matches ``pattern`` (``re.fullmatch``,
             in the order given) observe their input with ``observer`` instead of ``act_observer``, e.g.
-            ``{".*mlp.fc2": percentile}`` for a ViT's post-GELU activations.
+            ``{".*mlp.fc2": percentile}`` for a ViT's post-GELU activations; ``ptf`` instead of an observer gives a
+            Linear input FQ-ViT's power-of-two channel factors (:mod:`lit_mpq.quant.power_of_two`).
+        ptf_max_shift: ``K`` of the ``ptf`` inputs: channel factors ``2^0 .. 2^K`` (recorded in the card).
 
     Raises:
         ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
@@ -82,6 +84,7 @@ class Calibration(Callback):
         softmax_quantizer: str = "uniform",
         post_layernorm: str = "per_tensor",
         act_observer_overrides: dict[str, str] | None = None,
+        ptf_max_shift: int = 3,
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -97,6 +100,7 @@ class Calibration(Callback):
             softmax_quantizer=softmax_quantizer,
             post_layernorm=post_layernorm,
             act_observer_overrides=tuple((act_observer_overrides or {}).items()),
+            ptf_max_shift=ptf_max_shift,
         )
         self._calibrated = False
         self.image_digests: list[bytes] = []

@@ -66,6 +66,11 @@ class QuantSettings:
             qualified name matches ``pattern`` (``re.fullmatch``; the first matching pair wins) gets ``observer``
             instead of ``act_observer``. For a tensor whose best range differs from the rest, e.g. the post-GELU
             inputs of a ViT's ``mlp.fc2``, whose rare large values an MSE range clips at the network's expense.
+            Besides the observers, ``"ptf"`` gives a Linear layer's input FQ-ViT's power-of-two factors: one base
+            scale, each channel's step that scale times ``2^0..2^3``, nothing clipped (a few huge channels, as in
+            ViT-Tiny's post-GELU activations; :mod:`lit_mpq.quant.power_of_two`).
+        ptf_max_shift: ``K`` of the ``"ptf"`` overrides: channel factors ``2^0 .. 2^K`` (FQ-ViT uses 3; one channel
+            of ViT-Tiny's block-7 fc2 input spans 69 times the median channel, which wants 6).
     """
 
     weight_granularity: str = "per_channel"
@@ -79,6 +84,7 @@ class QuantSettings:
     softmax_quantizer: str = "uniform"
     post_layernorm: str = "per_tensor"
     act_observer_overrides: tuple[tuple[str, str], ...] = ()
+    ptf_max_shift: int = 3
 
     def __post_init__(self) -> None:
         if self.weight_granularity not in GRANULARITIES:
@@ -97,15 +103,21 @@ class QuantSettings:
             raise ValueError(
                 f"post_layernorm {self.post_layernorm!r} is not known; choose one of {list(POST_LAYERNORM)}"
             )
+        if (
+            isinstance(self.ptf_max_shift, bool)
+            or not isinstance(self.ptf_max_shift, int)
+            or not 0 <= self.ptf_max_shift <= 8
+        ):
+            raise ValueError(f"ptf_max_shift must be an integer from 0 to 8, got {self.ptf_max_shift!r}")
         for pattern, observer in self.act_observer_overrides:
             try:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"act_observer_overrides: {pattern!r} is not a regular expression ({err})") from None
-            if observer not in OBSERVERS:
+            if observer not in OVERRIDE_RANGES:
                 raise ValueError(
                     f"act_observer_overrides: {pattern!r} maps to unknown observer {observer!r}; choose one of "
-                    f"{sorted(OBSERVERS)}"
+                    f"{sorted(OVERRIDE_RANGES)}"
                 )
 
     def observer_for(self, name: str) -> str:
@@ -118,6 +130,28 @@ class QuantSettings:
     def activation_quantizer(self) -> ActivationQuantizer:
         """A fresh activation quantizer with these settings' observer."""
         return ActivationQuantizer(build_observer(self.act_observer, self.act_symmetric, self.percentile))
+
+
+POWER_OF_TWO = "ptf"
+"""The ``act_observer_overrides`` name of FQ-ViT's power-of-two-factor quantizer (:mod:`lit_mpq.quant.power_of_two`)."""
+
+OVERRIDE_RANGES = (*OBSERVERS, POWER_OF_TWO)
+"""What ``act_observer_overrides`` may name: an observer, or ``"ptf"`` (power-of-two factors, Linear inputs)."""
+
+
+def _input_quantizer(name: str, module: nn.Module, settings: QuantSettings) -> ActivationQuantizer:
+    """The input quantizer of layer ``name``: its observer per tensor, or power-of-two factors per channel."""
+    observer = settings.observer_for(name)
+    if observer != POWER_OF_TWO:
+        return ActivationQuantizer(build_observer(observer, settings.act_symmetric, settings.percentile))
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"act_observer_overrides maps {name} ({type(module).__name__}) to 'ptf', whose channels are the last "
+            "dimension: only Linear inputs can have power-of-two factors; narrow the pattern to Linear layers"
+        )
+    from lit_mpq.quant.power_of_two import PowerOfTwoFactorQuantizer  # imports lit_mpq.quant.layernorm
+
+    return PowerOfTwoFactorQuantizer(module.in_features, max_shift=settings.ptf_max_shift)
 
 
 POST_LAYERNORM = ("per_tensor", "reparam")
@@ -206,9 +240,7 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
             per_channel=settings.weight_granularity == "per_channel",
             method=settings.weight_observer,
         )
-        input_quantizer = ActivationQuantizer(
-            build_observer(settings.observer_for(name), settings.act_symmetric, settings.percentile)
-        ).to(module.weight.device)
+        input_quantizer = _input_quantizer(name, module, settings).to(module.weight.device)
         layer = quant_class(type(module)).from_float(module, weight_quantizer, input_quantizer)
         if settings.bias_correction:
             layer.enable_bias_correction()

@@ -119,6 +119,7 @@ def build_card(
     post_layernorm: str = "per_tensor",
     ranking_refinement: Mapping[str, Any] | None = None,
     act_observer_overrides: Mapping[str, str] | None = None,
+    ptf_max_shift: int | None = None,
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -149,6 +150,7 @@ def build_card(
         ranking_refinement: Settings of the ranking-aware refinement of the attention ranges, or ``None`` when it
             did not run.
         act_observer_overrides: ``{pattern: observer}`` for the layers whose input another observer watched.
+        ptf_max_shift: ``K`` of the power-of-two-factor inputs; recorded only when an override is ``"ptf"``.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -173,6 +175,7 @@ def build_card(
         "act_symmetric": bool(act_symmetric),
         "act_observer_overrides": dict(act_observer_overrides) if act_observer_overrides else None,
         "percentile": float(percentile) if "percentile" in observers_used and percentile is not None else None,
+        "ptf_max_shift": int(ptf_max_shift) if "ptf" in observers_used and ptf_max_shift is not None else None,
         "first_last_precision": first_last_precision(plan),
         "attention": {
             "matmuls_quantized": bool(attention) and any(spec.kind == "matmul" for spec in plan.specs.values()),

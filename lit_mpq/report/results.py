@@ -118,6 +118,7 @@ def run_card(
         post_layernorm=settings.get("post_layernorm", "per_tensor"),
         ranking_refinement=record.refinement.get("settings") if record.refinement else None,
         act_observer_overrides=dict(settings.get("act_observer_overrides") or ()),
+        ptf_max_shift=settings.get("ptf_max_shift"),
     )
 
 

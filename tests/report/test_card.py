@@ -131,6 +131,9 @@ def test_bias_correction_and_percentile_recording():
     )
     assert overridden["act_observer_overrides"] == {".*fc": "percentile"}
     assert overridden["percentile"] == 99.9  # the override used it
+    assert overridden["ptf_max_shift"] is None and card["ptf_max_shift"] is None
+    ptf = build_card(**card_args(act_observer="mse", act_observer_overrides={".*fc2": "ptf"}, ptf_max_shift=6))
+    assert ptf["ptf_max_shift"] == 6 and ptf["percentile"] is None
 
 
 def test_arguments_match_quant_settings():

@@ -148,6 +148,7 @@ def test_the_record_and_the_logged_count_give_the_calibration_set_size(calibrate
         "softmax_quantizer": "uniform",
         "post_layernorm": "per_tensor",
         "act_observer_overrides": (),
+        "ptf_max_shift": 3,
     }
     assert float(calibrated.trainer.callback_metrics["calib/num_images"]) == CALIB
     assert float(calibrated.trainer.callback_metrics["calib/max_images_per_rank"]) == CALIB

@@ -34,6 +34,7 @@ import argparse
 import functools
 import math
 import re
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -301,9 +302,10 @@ def main() -> None:
         with quantizers_mode(model, "off"):
             reference = top1(model, batches)
         seconds = time.perf_counter() - start
-        evaluate = (
-            BlockResume(model, batches).top1 if family == "vit" else functools.partial(whole_top1, model, batches)
-        )
+        whole = functools.partial(whole_top1, model, batches)
+        evaluate = BlockResume(model, batches).top1 if family == "vit" else whole
+        if family == "vit" and not args.dry_run:
+            check_resume(model, measured, min(bits_list), evaluate, whole)
         evaluations = len(measured) * len(KINDS) * len(bits_list)
         print(
             f"{backbone}: FP32 top-1 {reference:.2f} % on {images} images of {eval_name} ({seconds:.1f} s); "
@@ -344,8 +346,10 @@ def main() -> None:
     print(
         f"\n`python benchmarks/sensitivity_trust.py --models {' '.join(args.models)}"
         f"{' --bits ' + ' '.join(map(str, args.bits)) if args.bits else ''}"
-        f"{f' --eval-limit {args.eval_limit}' if args.eval_limit else ''}`: Kendall's tau between S[layer, bits] and "
-        "the measured top-1 drop of quantizing that tensor alone\n"
+        f"{f' --eval-limit {args.eval_limit}' if args.eval_limit else ''}"
+        f"{f' --rows {shlex.quote(args.rows)}' if args.rows else ''}"
+        f"{f' --kl-samples {args.kl_samples}' if 'kl' in args.metrics else ''}`: "
+        "Kendall's tau between S[layer, bits] and the measured top-1 drop of quantizing that tensor alone\n"
     )
     header = "| model | metric | tau w | tau a | tau both |"
     if split:

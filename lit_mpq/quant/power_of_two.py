@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lit_mpq.quant.functional import fake_quantize, quant_range
-from lit_mpq.quant.layernorm import ChannelwiseMinMaxObserver
+from lit_mpq.quant.layernorm import ChannelwiseMinMaxObserver, _check_channels
 from lit_mpq.quant.modules import ActivationQuantizer
 
 DEFAULT_MAX_SHIFT = 3
@@ -113,11 +113,7 @@ class PowerOfTwoFactorQuantizer(ActivationQuantizer):
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
         """Fake-quantize ``x`` (channels last) at ``bits``, regardless of the mode."""
-        if x.shape[-1] != self.observer.num_channels:
-            raise ValueError(
-                f"PowerOfTwoFactorQuantizer was built for {self.observer.num_channels} channels (last dimension), "
-                f"got an input of shape {tuple(x.shape)}"
-            )
+        _check_channels(x, self.observer.num_channels, type(self).__name__)
         step, zero_point = self.qparams(bits)
         qmin, qmax = quant_range(bits, symmetric=False)
         return fake_quantize(x, step.to(x.device), zero_point.to(x.device), qmin, qmax, axis=x.dim() - 1)

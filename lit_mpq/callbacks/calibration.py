@@ -59,6 +59,8 @@ class Calibration(Callback):
             plan: allocated, probed and costed like layers).
         softmax_quantizer: Levels of the softmax output: ``"uniform"``, ``"log2"`` (FQ-ViT) or ``"log_sqrt2"``
             (RepQ-ViT).
+        softmax_uniform_from_bits: With logarithmic softmax levels, the width from which the uniform grid is used
+            instead (null: logarithmic at every width; recorded in the card).
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"``, or ``"reparam"`` (per-channel
             ranges folded into the LayerNorm affine and the Linear, as in RepQ-ViT: per tensor at inference).
         act_observer_overrides: ``{pattern: observer}``: layers whose name matches ``pattern`` (``re.fullmatch``,
@@ -82,6 +84,7 @@ class Calibration(Callback):
         bias_correction: bool = False,
         attention: bool = True,
         softmax_quantizer: str = "uniform",
+        softmax_uniform_from_bits: int | None = None,
         post_layernorm: str = "per_tensor",
         act_observer_overrides: dict[str, str] | None = None,
         ptf_max_shift: int = 3,
@@ -98,6 +101,7 @@ class Calibration(Callback):
             bias_correction=bias_correction,
             attention=attention,
             softmax_quantizer=softmax_quantizer,
+            softmax_uniform_from_bits=softmax_uniform_from_bits,
             post_layernorm=post_layernorm,
             act_observer_overrides=tuple((act_observer_overrides or {}).items()),
             ptf_max_shift=ptf_max_shift,

@@ -58,6 +58,9 @@ class QuantSettings:
             tensors of the plan).
         softmax_quantizer: Levels for the softmax output: ``"uniform"`` (over the observed range, never clipped),
             ``"log2"`` (FQ-ViT) or ``"log_sqrt2"`` (RepQ-ViT); see :mod:`lit_mpq.quant.softmax`.
+        softmax_uniform_from_bits: With logarithmic softmax levels: the width from which the softmax output uses the
+            uniform grid instead (its error shrinks with bits, the logarithmic one has a floor; 6 suits DeiT-Tiny).
+            None: logarithmic at every width.
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"`` like every other input, or
             ``"reparam"``: per-channel ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
             :mod:`lit_mpq.quant.layernorm`), per tensor at inference. Applied by :func:`apply_post_layernorm`,
@@ -82,6 +85,7 @@ class QuantSettings:
     bias_correction: bool = False
     attention: bool = True
     softmax_quantizer: str = "uniform"
+    softmax_uniform_from_bits: int | None = None
     post_layernorm: str = "per_tensor"
     act_observer_overrides: tuple[tuple[str, str], ...] = ()
     ptf_max_shift: int = 3
@@ -97,6 +101,14 @@ class QuantSettings:
         if self.softmax_quantizer not in SOFTMAX_QUANTIZERS:
             raise ValueError(
                 f"softmax_quantizer {self.softmax_quantizer!r} is not known; choose one of {list(SOFTMAX_QUANTIZERS)}"
+            )
+        width = self.softmax_uniform_from_bits
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or not 2 <= width <= 16):
+            raise ValueError(f"softmax_uniform_from_bits must be null or an integer from 2 to 16, got {width!r}")
+        if width is not None and self.softmax_quantizer == "uniform":
+            raise ValueError(
+                "softmax_uniform_from_bits only applies to logarithmic softmax levels; set softmax_quantizer to "
+                "'log2' or 'log_sqrt2', or leave softmax_uniform_from_bits null"
             )
 
         if self.post_layernorm not in POST_LAYERNORM:
@@ -253,7 +265,9 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
         ]
         for name, module in attentions:
             twin = quantize_attention(
-                module, settings.activation_quantizer, lambda: build_softmax_quantizer(settings.softmax_quantizer)
+                module,
+                settings.activation_quantizer,
+                lambda: build_softmax_quantizer(settings.softmax_quantizer, settings.softmax_uniform_from_bits),
             )
             _replace(model, name, twin)
     return quant_layer_names(model)

@@ -11,6 +11,14 @@ value ``scale · 2^(-k / r)`` (``r = 1`` for log2, ``r = 2`` for log√2) and th
 value too small for the smallest exponent. Exponents are rounded in the log domain (``k = round(-r · log2(x /
 scale))``), as both papers do.
 
+Logarithmic levels have a relative error floor (up to 19 % between log√2 levels) that more bits do not lower, while a
+uniform grid's error shrinks by 4x per added bit: on DeiT-Tiny, log√2 keeps W4A4 alive (8.6 points over uniform) but
+costs 0.1-0.3 points at 6 and 8 bits (``docs/vit.md``). ``uniform_from_bits`` takes the better of both: the uniform
+grid over ``[observed minimum, observed maximum]`` from that width up, logarithmic levels below it. The choice is per
+bit width, so one quantizer serves every width a mixed-precision plan or a sweep gives it, and a range factor set by
+the ranking-aware refinement scales the largest level (logarithmic widths) or both ends of the range (uniform
+widths), each width's factor searched for its own grid.
+
 Example:
     >>> import torch
     >>> log_quantize_dequantize(torch.tensor([1.0, 0.3, 0.01, 0.0]), torch.tensor(1.0), bits=3, steps_per_octave=1)
@@ -62,20 +70,29 @@ class LogQuantizer(ActivationQuantizer):
     Args:
         steps_per_octave: 1 for log2 (FQ-ViT), 2 for log√2 (RepQ-ViT).
         bits: Initial bit width (None = FP32).
+        uniform_from_bits: From this width up, use the uniform grid over the observed range instead of logarithmic
+            levels (None: logarithmic at every width).
     """
 
-    def __init__(self, steps_per_octave: int = 1, bits: int | None = 8) -> None:
+    def __init__(self, steps_per_octave: int = 1, bits: int | None = 8, uniform_from_bits: int | None = None) -> None:
         super().__init__(MinMaxObserver(symmetric=False), bits)
         if steps_per_octave not in (1, 2):
             raise ValueError(f"steps_per_octave must be 1 (log2) or 2 (log√2), got {steps_per_octave}")
         self.steps_per_octave = steps_per_octave
+        self.uniform_from_bits = uniform_from_bits
+
+    def is_uniform(self, bits: int) -> bool:
+        """Whether ``bits`` uses the uniform grid (``bits >= uniform_from_bits``) rather than logarithmic levels."""
+        return self.uniform_from_bits is not None and bits >= self.uniform_from_bits
 
     def qparams(self, bits: int) -> tuple[Tensor, Tensor]:
-        """``(scale, zero_point)``: the observed maximum (the largest level) and 0.
+        """``(scale, zero_point)``: the largest level (observed maximum) and 0; the uniform grid's at uniform widths.
 
         Raises:
             RuntimeError: If nothing has been observed yet.
         """
+        if self.is_uniform(bits):
+            return super().qparams(bits)
         if bits not in self._cache:
             if not self.observer.has_data:
                 raise RuntimeError("LogQuantizer has no statistics: run calibration (the Calibration callback) first")
@@ -85,16 +102,20 @@ class LogQuantizer(ActivationQuantizer):
         return self._cache[bits]
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:
-        """Fake-quantize ``x`` at ``bits`` logarithmic levels regardless of the mode (straight-through gradient)."""
+        """Fake-quantize ``x`` at ``bits`` regardless of the mode (straight-through gradient at logarithmic widths)."""
+        if self.is_uniform(bits):
+            return super().quantize(x, bits)
         scale, _ = self.qparams(bits)
         quantized = log_quantize_dequantize(x, scale, bits, self.steps_per_octave)
         return x + (quantized - x).detach() if x.requires_grad else quantized
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"{super().extra_repr()}, levels={'log2' if self.steps_per_octave == 1 else 'log_sqrt2'}"
+        levels = "log2" if self.steps_per_octave == 1 else "log_sqrt2"
+        uniform = "" if self.uniform_from_bits is None else f", uniform_from_bits={self.uniform_from_bits}"
+        return f"{super().extra_repr()}, levels={levels}{uniform}"
 
 
-def build_softmax_quantizer(name: str) -> ActivationQuantizer:
+def build_softmax_quantizer(name: str, uniform_from_bits: int | None = None) -> ActivationQuantizer:
     """The quantizer of an attention's softmax output by config name (see :data:`SOFTMAX_QUANTIZERS`).
 
     The uniform grid spans ``[0, observed maximum]`` whatever the run's activation observer: a percentile or MSE range
@@ -103,6 +124,8 @@ def build_softmax_quantizer(name: str) -> ActivationQuantizer:
 
     Args:
         name: ``"uniform"``, ``"log2"`` or ``"log_sqrt2"``.
+        uniform_from_bits: With a logarithmic ``name``: the width from which the uniform grid is used instead (None:
+            logarithmic at every width). Ignored by ``"uniform"``.
 
     Raises:
         ValueError: On an unknown name.
@@ -110,4 +133,6 @@ def build_softmax_quantizer(name: str) -> ActivationQuantizer:
     if name not in SOFTMAX_QUANTIZERS:
         raise ValueError(f"softmax_quantizer {name!r} is not known; choose one of {list(SOFTMAX_QUANTIZERS)}")
     steps = SOFTMAX_QUANTIZERS[name]
-    return ActivationQuantizer(MinMaxObserver(symmetric=False)) if steps is None else LogQuantizer(steps)
+    if steps is None:
+        return ActivationQuantizer(MinMaxObserver(symmetric=False))
+    return LogQuantizer(steps, uniform_from_bits=uniform_from_bits)

@@ -116,6 +116,7 @@ def build_card(
     seed_everything: int | None,
     attention: bool = False,
     softmax_quantizer: str = "uniform",
+    softmax_uniform_from_bits: int | None = None,
     post_layernorm: str = "per_tensor",
     ranking_refinement: Mapping[str, Any] | None = None,
     act_observer_overrides: Mapping[str, str] | None = None,
@@ -146,6 +147,8 @@ def build_card(
         seed_everything: The run's global seed (``seed_everything``), or ``None``.
         attention: Whether attention matmuls (q·kᵀ, softmax·V) were quantized.
         softmax_quantizer: Levels of the softmax output (``"uniform"``, ``"log2"``, ``"log_sqrt2"``).
+        softmax_uniform_from_bits: The width from which logarithmic softmax levels give way to the uniform grid
+            (``None``: none; recorded only with logarithmic levels).
         post_layernorm: Treatment of LayerNorm outputs feeding a Linear (``"per_tensor"`` or ``"reparam"``).
         ranking_refinement: Settings of the ranking-aware refinement of the attention ranges, or ``None`` when it
             did not run.
@@ -180,6 +183,11 @@ def build_card(
         "attention": {
             "matmuls_quantized": bool(attention) and any(spec.kind == "matmul" for spec in plan.specs.values()),
             "softmax_quantizer": softmax_quantizer if attention else None,
+            "softmax_uniform_from_bits": (
+                int(softmax_uniform_from_bits)
+                if attention and softmax_quantizer != "uniform" and softmax_uniform_from_bits is not None
+                else None
+            ),
             "post_layernorm": post_layernorm,
             "ranking_refinement": dict(ranking_refinement) if ranking_refinement else None,
         },

@@ -146,6 +146,7 @@ def test_the_record_and_the_logged_count_give_the_calibration_set_size(calibrate
         "bias_correction": False,
         "attention": True,
         "softmax_quantizer": "uniform",
+        "softmax_uniform_from_bits": None,
         "post_layernorm": "per_tensor",
         "act_observer_overrides": (),
         "ptf_max_shift": 3,

@@ -101,3 +101,45 @@ def test_softmax_quantizer_is_selectable_and_used_by_the_attention(name, steps):
     plan["blocks.0.attn.matmul_av"].a_bits = 4
     apply_plan(model, plan)
     assert torch.equal(probs(seen["p"]), log_quantize_dequantize(seen["p"], seen["p"].max(), 4, steps))
+
+
+def test_uniform_from_bits_switches_grid_by_width_and_each_width_keeps_its_own_range_factor():
+    """From ``uniform_from_bits`` up the quantizer is PyTorch's own uniform fake-quantize over the observed range."""
+    torch.manual_seed(3)
+    p = softmax_like(1.5)[:64]
+    quantizer = LogQuantizer(steps_per_octave=2, bits=4, uniform_from_bits=6)
+    quantizer.set_mode("observe")
+    quantizer(p)
+    quantizer.set_mode("quant")
+    low, high = min(float(p.min()), 0.0), float(p.max())  # the range always contains zero
+
+    def reference_uniform(bits: int, factor: float = 1.0) -> torch.Tensor:
+        scale = (high - low) * factor / (2**bits - 1)
+        zero_point = round(-low * factor / scale)
+        return torch.fake_quantize_per_tensor_affine(p, scale, zero_point, 0, 2**bits - 1)
+
+    for bits in (6, 8):
+        torch.testing.assert_close(quantizer.quantize(p, bits), reference_uniform(bits), rtol=0, atol=1e-7)
+    for bits in (3, 4, 5):
+        torch.testing.assert_close(
+            quantizer.quantize(p, bits),
+            brute_force_log_levels(p.flatten(), high, bits, 2).reshape(p.shape),
+            rtol=1e-6,
+            atol=0,
+        )
+    quantizer.set_range_factor(8, 0.5)
+    quantizer.set_range_factor(4, 0.25)
+    torch.testing.assert_close(quantizer.quantize(p, 8), reference_uniform(8, 0.5), rtol=0, atol=1e-7)
+    torch.testing.assert_close(quantizer.quantize(p, 4), log_quantize_dequantize(p, torch.tensor(high * 0.25), 4, 2))
+
+
+def test_uniform_from_bits_is_validated_and_recorded_in_the_card():
+    with pytest.raises(ValueError, match="softmax_uniform_from_bits only applies to logarithmic"):
+        QuantSettings(softmax_quantizer="uniform", softmax_uniform_from_bits=6)
+    with pytest.raises(ValueError, match="integer from 2 to 16"):
+        QuantSettings(softmax_quantizer="log_sqrt2", softmax_uniform_from_bits=1)
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    quantize_model(model, QuantSettings(softmax_quantizer="log2", softmax_uniform_from_bits=6))
+    probs = model.blocks[0].attn.matmul_av.input_quantizer
+    assert probs.is_uniform(6) and probs.is_uniform(8) and not probs.is_uniform(5)

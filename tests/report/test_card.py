@@ -136,6 +136,13 @@ def test_bias_correction_and_percentile_recording():
     assert ptf["ptf_max_shift"] == 6 and ptf["percentile"] is None
 
 
+def test_softmax_uniform_from_bits_is_recorded_only_with_logarithmic_levels():
+    hybrid = build_card(**card_args(attention=True, softmax_quantizer="log_sqrt2", softmax_uniform_from_bits=6))
+    assert hybrid["attention"]["softmax_uniform_from_bits"] == 6
+    uniform = build_card(**card_args(attention=True, softmax_quantizer="uniform", softmax_uniform_from_bits=6))
+    assert uniform["attention"]["softmax_uniform_from_bits"] is None
+
+
 def test_arguments_match_quant_settings():
     settings = dataclasses.asdict(QuantSettings())
     args = card_args()

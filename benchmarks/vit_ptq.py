@@ -9,14 +9,16 @@ settings change:
   embedding and the head at W8A8 as the configs pin them (``first_last_bits: 8``, the convention of PTQ4ViT and
   RepQ-ViT);
 - the exact allocator (``ExactAllocation``, Fisher sensitivities) at the analytic energy of uniform W4A4;
-- ablations: each of the recipe's ViT-specific parts (log2 softmax levels, the RepQ-ViT post-LayerNorm
-  reparameterization, the ranking-aware refinement of the attention ranges) switched off, one at a time, at W6A6 and
-  W4A4.
+- ablations: each of the recipe's ViT-specific parts (softmax levels: log√2 below 6 bits and uniform from 6 up,
+  against log√2 or uniform at every width; the RepQ-ViT post-LayerNorm reparameterization; the ranking-aware
+  refinement of the attention ranges) switched off, one at a time, at W6A6 and W4A4.
 
 Each row prints top-1 (percent), analytic energy (µJ/image, the config's energy model), parameter-weighted weight bits,
 element-weighted activation bits (matmul operands included) and the wall time of the whole ``validate`` call::
 
-    python benchmarks/vit_ptq.py [--models deit vit] [--calibration 256] [--rows main|ablations|all]
+    python benchmarks/vit_ptq.py [--models deit vit] [--calibration 256] [--rows main|ablations|all] [--only REGEX]
+
+``--only`` keeps the rows whose name matches a regular expression (``re.search``), e.g. ``--only 'W8A8|W6A6'``.
 
 On two CPU cores a row takes two to four minutes (one calibration pass, one quantized evaluation of 1,300 images).
 """
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import shlex
 import time
 from pathlib import Path
 
@@ -38,7 +42,8 @@ CONFIGS = {"deit": "configs/deit.yaml", "vit": "configs/vit_tiny.yaml"}
 W_CANDIDATES = [3, 4, 6, 8]
 A_CANDIDATES = [3, 4, 6, 8]
 ABLATIONS = {
-    "softmax uniform": {"softmax_quantizer": "uniform"},
+    "softmax log√2 at every width": {"softmax_uniform_from_bits": None},
+    "softmax uniform at every width": {"softmax_quantizer": "uniform", "softmax_uniform_from_bits": None},
     "LayerNorm per tensor": {"post_layernorm": "per_tensor"},
     "no ranking refinement": {"refine": False},
 }
@@ -98,16 +103,23 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--rows", choices=["main", "ablations", "all"], default="all")
+    parser.add_argument("--only", default=None, help="keep the rows whose name matches this regular expression")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/vit_ptq"))
     args = parser.parse_args()
+    selected = [job for job in jobs(args.rows) if args.only is None or re.search(args.only, job[0])]
+    if not selected:
+        parser.error(
+            f"--only {args.only!r} matches none of the {args.rows!r} rows: {[job[0] for job in jobs(args.rows)]}"
+        )
     for model in args.models:
         config, out = CONFIGS[model], args.out / model
         command = f"python benchmarks/vit_ptq.py --models {model} --calibration {args.calibration} --rows {args.rows}"
+        command += f" --only {shlex.quote(args.only)}" if args.only else ""
         print(f"\n`{command}` ({config})\n")
         print("| setting | top-1 % | Δ vs FP32 | energy µJ/img | avg W bits | avg A bits | time s |")
         print("|---|---|---|---|---|---|---|", flush=True)
         fp32_top1 = None
-        for name, policy, changes in jobs(args.rows):
+        for name, policy, changes in selected:
             # The first run also evaluates the FP32 model (same images, same pass), the reference of every Δ.
             r = run(config, out, policy, args.calibration, fp32=fp32_top1 is None, **changes)
             if fp32_top1 is None:

@@ -16,6 +16,7 @@ VIT_RECIPE = QuantSettings(
     weight_observer="mse",
     weight_granularity="per_channel",
     softmax_quantizer="log_sqrt2",
+    softmax_uniform_from_bits=6,
     post_layernorm="reparam",
     act_observer_overrides=((r"blocks\..*\.mlp\.fc2", "percentile"),),
 )

@@ -8,7 +8,8 @@ settings change:
 - FP32, then uniform W8A8, W6A6, W4A8 and W4A4 with the recipe (the config's calibration settings), the patch
   embedding and the head at W8A8 as the configs pin them (``first_last_bits: 8``, the convention of PTQ4ViT and
   RepQ-ViT);
-- the exact allocator (``ExactAllocation``, Fisher sensitivities) at the analytic energy of uniform W4A4;
+- the exact allocator (``ExactAllocation``, Fisher sensitivities) at the analytic energy of uniform W4A4, with
+  candidates 3, 4, 6 and 8 bits, and again with activations kept at 4 bits or more;
 - ablations: each of the recipe's ViT-specific parts (softmax levels: log√2 below 6 bits and uniform from 6 up,
   against log√2 or uniform at every width; the RepQ-ViT post-LayerNorm reparameterization; the ranking-aware
   refinement of the attention ranges) switched off, one at a time, at W6A6 and W4A4.
@@ -90,6 +91,9 @@ def jobs(rows: str) -> list[tuple[str, Policy, dict]]:
     main_rows = [(f"uniform W{w}A{a}", Uniform(w, a), {}) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4))]
     budget = ExactAllocation(energy_relative_to="W4A4", w_candidates=W_CANDIDATES, a_candidates=A_CANDIDATES)
     main_rows.append(("exact allocator, energy <= uniform W4A4", budget, {}))
+    # 3-bit activations compound through twelve blocks in a way no sum of single-tensor scores sees: without them
+    no_a3 = ExactAllocation(energy_relative_to="W4A4", w_candidates=W_CANDIDATES, a_candidates=[4, 6, 8])
+    main_rows.append(("exact allocator, energy <= uniform W4A4, activations >= 4 bits", no_a3, {}))
     ablation_rows = [
         (f"uniform W{w}A{a}, {name}", Uniform(w, a), dict(change))
         for w, a in ((6, 6), (4, 4))

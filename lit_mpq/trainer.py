@@ -51,6 +51,8 @@ class MPQTrainer(pl.Trainer):
         a_candidates: list[int] | None = None,
         baselines: list[str] = ["W8A8", "W6A6", "W4A8", "W4A4"],  # noqa: B006 - shown by jsonargparse
         seed_rule: bool = True,
+        splits: list[str] = [],  # noqa: B006 - shown by jsonargparse
+        split_bits: list[int] = [3, 5],  # noqa: B006
         num_random: int = 0,
         output_dir: str | None = None,
     ) -> list[dict[str, Any]]:
@@ -72,6 +74,10 @@ class MPQTrainer(pl.Trainer):
             a_candidates: Activation bit widths the solver may pick; default: the probe's candidates.
             baselines: Uniform settings evaluated as baselines (``W<b>A<b>``).
             seed_rule: Also evaluate the seed percentile rule (weights 4/6/8 by sensitivity, A8).
+            splits: Weight splits to evaluate, any of ``asc`` (the first half of the weights, by cumulative weight
+                count in layer order, at the lower of ``split_bits``, the second half at the higher) and ``desc``
+                (the reverse), activations at 8 bits; e.g. ``[asc, desc]``.
+            split_bits: The two weight bit widths of the splits.
             num_random: Random allocations at ``relative_to``'s energy (exact solver, random objective).
             output_dir: Where the sweep's files go; default: ``<log dir>/sweep``.
 
@@ -91,6 +97,8 @@ class MPQTrainer(pl.Trainer):
             a_candidates=a_candidates,
             baselines=baselines,
             seed_rule=seed_rule,
+            splits=tuple(splits),
+            split_bits=tuple(split_bits),
             num_random=num_random,
             output_dir=output_dir,
         )

@@ -7,11 +7,14 @@ from lit_mpq.allocation.percentile import SensitivityPercentile
 from lit_mpq.allocation.pinning import BitOverride, match_overrides, pin_layers
 from lit_mpq.allocation.random import RandomAllocation
 from lit_mpq.allocation.solver import InfeasibleBudgetError
+from lit_mpq.allocation.split import Ascending, Descending, WeightSplit
 from lit_mpq.allocation.uniform import Uniform
 
 __all__ = [
     "Allocation",
+    "Ascending",
     "BitOverride",
+    "Descending",
     "ExactAllocation",
     "FromFile",
     "InfeasibleBudgetError",
@@ -19,6 +22,7 @@ __all__ = [
     "RandomAllocation",
     "SensitivityPercentile",
     "Uniform",
+    "WeightSplit",
     "match_overrides",
     "pin_layers",
 ]

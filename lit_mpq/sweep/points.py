@@ -1,7 +1,7 @@
 """The points of a sweep: its settings, its energy budgets, and the allocation policies it evaluates.
 
 The budgets are spread between the cheapest and the dearest allocation the candidates allow; the points after the
-config's own are the budgets, the uniform baselines, the seed rule and random allocations.
+config's own are the budgets, the uniform baselines, the seed rule, the Asc/Desc weight splits and random allocations.
 
 Pure: a plan, an energy model and settings in, points out; no Lightning, no files.
 
@@ -21,8 +21,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lit_mpq.allocation import ExactAllocation, Policy, RandomAllocation, SensitivityPercentile, Uniform
+from lit_mpq.allocation import ExactAllocation, Policy, RandomAllocation, SensitivityPercentile, Uniform, WeightSplit
 from lit_mpq.allocation.exact import parse_uniform_setting
+from lit_mpq.allocation.split import ORDERS
 from lit_mpq.bits import validate_candidates
 from lit_mpq.energy import EnergyModel, uniform_energy
 from lit_mpq.plan import QuantPlan
@@ -57,6 +58,10 @@ class SweepSettings:
         a_candidates: Activation bit widths the solver may pick; ``None``: the probe's candidates.
         baselines: Uniform settings evaluated as baselines (``W<b>A<b>``).
         seed_rule: Also evaluate the seed percentile rule (weights 4/6/8 by sensitivity, A8).
+        splits: Weight splits to evaluate, any of ``"asc"`` (first half of the weights, by cumulative weight count, at
+            the lower of ``split_bits``, second half at the higher) and ``"desc"`` (the reverse), activations at 8
+            bits (:class:`~lit_mpq.allocation.WeightSplit`); points ``split_asc`` and ``split_desc``.
+        split_bits: The two weight bit widths of the splits.
         num_random: Random allocations at ``relative_to``'s energy (exact solver, random objective).
         output_dir: Where the sweep's files go; ``None``: ``<run dir>/sweep``.
 
@@ -71,6 +76,8 @@ class SweepSettings:
     a_candidates: tuple[int, ...] | None = None
     baselines: tuple[str, ...] = ("W8A8", "W6A6", "W4A8", "W4A4")
     seed_rule: bool = True
+    splits: tuple[str, ...] = ()
+    split_bits: tuple[int, ...] = (3, 5)
     num_random: int = 0
     output_dir: str | None = None
 
@@ -96,6 +103,14 @@ class SweepSettings:
         if repeated:
             raise ValueError(f"sweep baselines repeat {repeated}: list each uniform setting once")
         object.__setattr__(self, "baselines", tuple(names))
+        splits = tuple(str(order).strip().lower() for order in self.splits)
+        if any(order not in ORDERS for order in splits) or len(set(splits)) != len(splits):
+            raise ValueError(f"sweep splits must list each of {list(ORDERS)} at most once, got {self.splits!r}")
+        object.__setattr__(self, "splits", splits)
+        split_bits = validate_candidates(self.split_bits or (), "sweep split_bits")
+        if len(split_bits) != 2:
+            raise ValueError(f"sweep split_bits must be two different bit widths, e.g. [3, 5], got {self.split_bits}")
+        object.__setattr__(self, "split_bits", tuple(split_bits))
         object.__setattr__(self, "w_candidates", _bit_list(self.w_candidates, "w_candidates"))
         object.__setattr__(self, "a_candidates", _bit_list(self.a_candidates, "a_candidates"))
 
@@ -103,7 +118,7 @@ class SweepSettings:
     def expected_points(self) -> int:
         """How many points the sweep evaluates, the config's own included (some may turn out infeasible)."""
         budgets = len(self.budgets) if self.budgets is not None else self.num_budgets
-        return 1 + budgets + len(self.baselines) + int(self.seed_rule) + self.num_random
+        return 1 + budgets + len(self.baselines) + int(self.seed_rule) + len(self.splits) + self.num_random
 
 
 @dataclass(frozen=True)
@@ -112,7 +127,7 @@ class SweepPoint:
 
     Attributes:
         name: Unique name: the point's folder, its TensorBoard run and its row (``budget_03``, ``uniform_W4A8``).
-        kind: ``"config"``, ``"budget"``, ``"uniform"``, ``"seed_rule"`` or ``"random"``.
+        kind: ``"config"``, ``"budget"``, ``"uniform"``, ``"seed_rule"``, ``"split"`` or ``"random"``.
         policy: The allocation policy.
         budget_ratio: The energy budget as a multiple of ``relative_to``'s energy, for budget and random points.
     """
@@ -177,7 +192,7 @@ def budget_ratios(
 def sweep_points(
     settings: SweepSettings, plan: QuantPlan, energy_model: EnergyModel, probe_bits: Sequence[int]
 ) -> list[SweepPoint]:
-    """The points evaluated after the config's own: budgets, uniform baselines, the seed rule, random allocations.
+    """The points evaluated after the config's own: budgets, uniform baselines, the seed rule, splits, random ones.
 
     Args:
         settings: The sweep's settings.
@@ -211,6 +226,11 @@ def sweep_points(
     ]
     if settings.seed_rule:
         points.append(SweepPoint("seed_rule", "seed_rule", SensitivityPercentile(target="w", a_bits=8)))
+    low_bits, high_bits = settings.split_bits
+    points += [
+        SweepPoint(f"split_{order}", "split", WeightSplit(order, low_bits, high_bits, a_bits=8))
+        for order in settings.splits
+    ]
     points += [
         SweepPoint(
             f"random_{seed}",

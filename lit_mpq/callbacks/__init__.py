@@ -3,6 +3,7 @@
 from lit_mpq.callbacks.allocation import BitAllocator, BitOverride
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
+from lit_mpq.callbacks.label_aware import LabelAwareEvaluation
 from lit_mpq.callbacks.refinement import AttentionRefinement
 from lit_mpq.callbacks.report import Report
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
@@ -13,6 +14,7 @@ __all__ = [
     "BitOverride",
     "Calibration",
     "EnergyMeter",
+    "LabelAwareEvaluation",
     "Report",
     "SensitivityProbe",
 ]

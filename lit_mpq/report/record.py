@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AllocationRecord", "CalibrationRecord", "RunRecord", "SensitivityRecord"]
+__all__ = ["AllocationRecord", "CalibrationRecord", "LabelAwareRecord", "RunRecord", "SensitivityRecord"]
 
 
 @dataclass
@@ -79,6 +79,28 @@ class AllocationRecord:
 
 
 @dataclass
+class LabelAwareRecord:
+    """What the ``LabelAwareEvaluation`` callback measured: accuracy on similar, dissimilar and random class subsets.
+
+    Attributes:
+        subset_size: Classes per subset (``k``).
+        selection: How the extreme subsets were found (exhaustive, or beam search).
+        calibration_images: Images behind the class-similarity matrix (FP32 outputs), over all ranks.
+        missing_classes: Classes without a calibration image (left out of every subset).
+        rows: One per subset: ``kind``, ``classes``, ``names``, ``mean_divergence_nats`` (mean pairwise symmetric
+            KL), ``images``, ``top1_fp32``, ``top1`` and ``drop`` (FP32 minus quantized), accuracy in %.
+        seconds: Wall time of the class statistics and the subset selection.
+    """
+
+    subset_size: int
+    selection: str
+    calibration_images: int
+    missing_classes: list[int]
+    rows: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass
 class RunRecord:
     """Everything a run measured besides the plan; one per ``MPQModule``.
 
@@ -88,6 +110,7 @@ class RunRecord:
         allocation: Set by ``BitAllocator``.
         refinement: The ranking-aware refinement's report (``AttentionRefinement``: factors, objectives, seconds).
         energy: The energy report of ``EnergyMeter`` (:func:`lit_mpq.energy.energy_report`, plus measured energy).
+        label_aware: Set by ``LabelAwareEvaluation``: accuracy on class subsets.
         seed_everything: The run's global seed, as configured (``None`` when none was set).
     """
 
@@ -96,6 +119,7 @@ class RunRecord:
     allocation: AllocationRecord | None = None
     energy: dict[str, Any] | None = None
     refinement: dict[str, Any] | None = None
+    label_aware: LabelAwareRecord | None = None
     seed_everything: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.label_aware import LabelAwareEvaluation
 from lit_mpq.callbacks.refinement import AttentionRefinement
 from lit_mpq.callbacks.report import Report
+from lit_mpq.callbacks.rounding import WeightRounding
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "LabelAwareEvaluation",
     "Report",
     "SensitivityProbe",
+    "WeightRounding",
 ]

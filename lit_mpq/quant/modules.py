@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Collection
 from typing import Any, ClassVar
 
@@ -75,6 +76,51 @@ class WeightQuantizer(_Quantizer):
         super().__init__(bits, symmetric)
         self.per_channel = per_channel
         self.method = method
+        self.rounded: dict[int, tuple[Tensor, Tensor]] = {}
+        """``{bits: (source, rounded)}``: weights rounded by a data-driven method (:mod:`lit_mpq.rounding`) on this
+        quantizer's grid, used instead of nearest rounding at ``bits`` while the weight equals ``source``."""
+        self._stale_warned = False
+        self.rounding_version = 0
+        """Counts changes of :attr:`rounded` (part of the keys of results derived from the quantized weight)."""
+
+    def set_rounded(self, bits: int, source: Tensor, rounded: Tensor) -> None:
+        """Use ``rounded`` for ``source`` at ``bits`` from now on (what GPTQ/GPFQ produced); forgets cached weights."""
+        if source.shape != rounded.shape:
+            raise ValueError(f"rounded weight {tuple(rounded.shape)} does not match its source {tuple(source.shape)}")
+        self.rounded[bits] = (source.detach().clone(), rounded.detach().to(source.dtype).clone())
+        self.rounding_version += 1
+        self._stale_warned = False
+        self._cache.clear()
+
+    def clear_rounded(self) -> None:
+        """Back to nearest rounding at every width."""
+        if self.rounded:
+            self.rounded.clear()
+            self.rounding_version += 1
+            self._cache.clear()
+
+    def rounded_weight(self, weight: Tensor, bits: int) -> Tensor | None:
+        """The data-driven rounding of ``weight`` at ``bits``, or None (nearest rounding applies).
+
+        None also when ``weight`` is no longer the weight that was rounded (it was trained or edited since): then a
+        warning says so once, as the rounding is lost.
+        """
+        entry = self.rounded.get(bits)
+        if entry is None:
+            return None
+        source, rounded = entry
+        if source.shape != weight.shape or source.device != weight.device or not torch.equal(source, weight.detach()):
+            if not self._stale_warned:
+                warnings.warn(
+                    f"a weight changed after it was rounded at {bits} bits; it falls back to nearest rounding (run the "
+                    "rounding again after changing weights)",
+                    stacklevel=3,
+                )
+                self._stale_warned = True
+            return None
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight + (rounded - weight).detach()  # straight-through, as the nearest fake-quantizer
+        return rounded
 
     def qparams(self, weight: Tensor, bits: int, version: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
         """Scale and zero point for ``weight`` at ``bits``, cached until the weight changes.
@@ -87,27 +133,35 @@ class WeightQuantizer(_Quantizer):
                 computed from: a new tensor may reuse a freed one's storage with the same version 0.
         """
         key = (bits, *(version or _tensor_version(weight)))
-        if key not in self._cache:
-            self._cache[key] = weight_qparams(weight, bits, self.symmetric, self.per_channel, self.method)
-        return self._cache[key]
+        cached = self._cache.get(key)  # get, not `in` + index: rounding runs forwards in threads (lit_mpq.rounding)
+        if cached is None:
+            cached = weight_qparams(weight, bits, self.symmetric, self.per_channel, self.method)
+            self._cache[key] = cached
+        return cached
 
     def quantize(self, weight: Tensor, bits: int, version: tuple[int, ...] | None = None) -> Tensor:
         """Fake-quantize ``weight`` at ``bits`` regardless of the mode (cached while no gradient is needed).
 
         ``version`` identifies the weight's content, as in :meth:`qparams`.
         """
+        if self.rounded:
+            rounded = self.rounded_weight(weight, bits)
+            if rounded is not None:
+                return rounded
         version = version or _tensor_version(weight)
         # Inference-mode results must not leak into gradient passes: the mode is part of the key.
         key = ("w", bits, *version, torch.is_inference_mode_enabled())
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)
-        if frozen and key in self._cache:
-            return self._cache[key]
+        cached = self._cache.get(key) if frozen else None
+        if cached is not None:
+            return cached
         scale, zero_point = self.qparams(weight, bits, version)
         qmin, qmax = quant_range(bits, self.symmetric)
         quantized = fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if self.per_channel else None)
         if frozen:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "w" or k[1] != bits}
-            self._cache[key] = quantized
+            kept = {k: v for k, v in self._cache.items() if k[0] != "w" or k[1] != bits}
+            kept[key] = quantized
+            self._cache = kept  # one assignment: a concurrent reader sees the old or the new dict
         return quantized
 
     def forward(self, weight: Tensor, version: tuple[int, ...] | None = None) -> Tensor:
@@ -198,8 +252,9 @@ class BiasCorrection(nn.Module):
 
     def correction(self, weight: Tensor, quantized: Tensor, key: tuple, groups: int = 1) -> Tensor:
         """Per-output-channel shift ``(W - W_q) @ E[x]`` (zeros when nothing was observed), cached under ``key``."""
-        if key in self._cache:
-            return self._cache[key]
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
         cout = weight.shape[0]
         if float(self.count) == 0:
             return torch.zeros(cout, dtype=weight.dtype, device=weight.device)
@@ -291,7 +346,8 @@ class QuantLayerMixin:
             self.bias_correction = BiasCorrection(features).to(self.weight.device)
 
     def _output_shift(self, weight: Tensor, quantized_weight: Tensor, y: Tensor) -> Tensor:
-        key = (self.weight_quantizer.bits, *self.weight_version())
+        # The rounding version: a data-driven rounding changes the quantized weight, not the weight's version.
+        key = (self.weight_quantizer.bits, self.weight_quantizer.rounding_version, *self.weight_version())
         shift = self.bias_correction.correction(weight, quantized_weight, key, getattr(self, "groups", 1))
         shape = [1] * y.dim()
         shape[1 if isinstance(self, nn.Conv2d) else -1] = -1
@@ -358,6 +414,10 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def _fake_quantize_uncached(self, weight: Tensor, bits: int) -> Tensor:
         quantizer = self.weight_quantizer
+        if quantizer.rounded:  # the folded weight W diag(r1) is what a rounding method rounded
+            rounded = quantizer.rounded_weight(weight, bits)
+            if rounded is not None:
+                return rounded
         scale, zero_point = weight_qparams(weight, bits, quantizer.symmetric, quantizer.per_channel, quantizer.method)
         qmin, qmax = quant_range(bits, quantizer.symmetric)
         return fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if quantizer.per_channel else None)
@@ -402,7 +462,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         if frozen:
             stale = [k for k in quantizer._cache if k[0] == "reparam"]
             for k in stale:
-                del quantizer._cache[k]
+                quantizer._cache.pop(k, None)
             quantizer._cache[key] = (input_scale, weight, bias)
         return weight, bias
 

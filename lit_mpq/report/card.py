@@ -52,6 +52,33 @@ ROUNDING = "nearest (round half to even)"
 BIAS_CORRECTION = " + bias correction"
 
 
+ROUNDING_METHODS = {
+    "gptq": "GPTQ (Frantar et al., ICLR 2023)",
+    "gpfq": "GPFQ (Lybrand and Saab, JMLR 2021; Zhang, Zhou and Saab, SIMODS 2023)",
+}
+
+
+def _data_driven(weight_rounding: Mapping[str, Any] | None) -> bool:
+    return bool(weight_rounding) and weight_rounding.get("method", "nearest") != "nearest"
+
+
+def rounding_text(weight_rounding: Mapping[str, Any] | None) -> str:
+    """How weights were rounded, in words: nearest, or the data-driven method and what fed it.
+
+    Example:
+        >>> rounding_text(None)
+        'nearest (round half to even)'
+        >>> rounding_text({"method": "gptq", "upstream": "quantized"})
+        "GPTQ (Frantar et al., ICLR 2023), layer by layer on the quantized network's inputs"
+    """
+    if not _data_driven(weight_rounding):
+        return ROUNDING
+    method = weight_rounding["method"]
+    inputs = {"quantized": "the quantized network's inputs", "float": "the float network's inputs"}
+    source = inputs.get(weight_rounding.get("upstream", "quantized"), weight_rounding.get("upstream"))
+    return f"{ROUNDING_METHODS.get(method, method)}, layer by layer on {source}"
+
+
 def batchnorm_folding_text(bn_folded: bool, weight_granularity: str) -> str:
     """How BatchNorm was handled, in words.
 
@@ -121,6 +148,7 @@ def build_card(
     ranking_refinement: Mapping[str, Any] | None = None,
     act_observer_overrides: Mapping[str, str] | None = None,
     ptf_max_shift: int | None = None,
+    weight_rounding: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -154,6 +182,8 @@ def build_card(
             did not run.
         act_observer_overrides: ``{pattern: observer}`` for the layers whose input another observer watched.
         ptf_max_shift: ``K`` of the power-of-two-factor inputs; recorded only when an override is ``"ptf"``.
+        weight_rounding: Settings of the data-driven weight rounding (``WeightRounding``), or ``None`` when weights
+            were rounded to nearest.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -198,7 +228,8 @@ def build_card(
             "subset": calibration_subset,
             "dataset": dataset,
         },
-        "rounding": ROUNDING + (BIAS_CORRECTION if bias_correction else ""),
+        "rounding": rounding_text(weight_rounding) + (BIAS_CORRECTION if bias_correction else ""),
+        "rounding_settings": dict(weight_rounding) if _data_driven(weight_rounding) else None,
         "sensitivity_metric": sensitivity_metric,
         "policy": policy,
         "bits_candidates": candidates,

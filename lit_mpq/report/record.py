@@ -18,7 +18,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AllocationRecord", "CalibrationRecord", "LabelAwareRecord", "RunRecord", "SensitivityRecord"]
+__all__ = [
+    "AllocationRecord",
+    "CalibrationRecord",
+    "LabelAwareRecord",
+    "RoundingRecord",
+    "RunRecord",
+    "SensitivityRecord",
+]
 
 
 @dataclass
@@ -79,6 +86,24 @@ class AllocationRecord:
 
 
 @dataclass
+class RoundingRecord:
+    """What the ``WeightRounding`` callback did.
+
+    Attributes:
+        settings: The rounding settings (:class:`~lit_mpq.rounding.RoundingSettings` as a dict).
+        images_per_rank: Calibration images the statistics came from, on this rank.
+        seconds: Wall time of collection and rounding.
+        layers: Per rounded layer: name, bits, relative output error with nearest and with the method's rounding
+            (:class:`~lit_mpq.rounding.LayerRounding` as a dict), seconds, whether reused from an earlier run.
+    """
+
+    settings: dict[str, Any]
+    images_per_rank: int
+    seconds: float
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class LabelAwareRecord:
     """What the ``LabelAwareEvaluation`` callback measured: accuracy on similar, dissimilar and random class subsets.
 
@@ -108,6 +133,7 @@ class RunRecord:
         calibration: Set by ``Calibration``.
         sensitivity: Set by ``SensitivityProbe``.
         allocation: Set by ``BitAllocator``.
+        rounding: Set by ``WeightRounding``.
         refinement: The ranking-aware refinement's report (``AttentionRefinement``: factors, objectives, seconds).
         energy: The energy report of ``EnergyMeter`` (:func:`lit_mpq.energy.energy_report`, plus measured energy).
         label_aware: Set by ``LabelAwareEvaluation``: accuracy on class subsets.
@@ -117,6 +143,7 @@ class RunRecord:
     calibration: CalibrationRecord | None = None
     sensitivity: SensitivityRecord | None = None
     allocation: AllocationRecord | None = None
+    rounding: RoundingRecord | None = None
     energy: dict[str, Any] | None = None
     refinement: dict[str, Any] | None = None
     label_aware: LabelAwareRecord | None = None

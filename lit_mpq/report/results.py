@@ -120,6 +120,7 @@ def run_card(
         ranking_refinement=record.refinement.get("settings") if record.refinement else None,
         act_observer_overrides=dict(settings.get("act_observer_overrides") or ()),
         ptf_max_shift=settings.get("ptf_max_shift"),
+        weight_rounding=record.rounding.settings if record.rounding is not None else None,
     )
 
 

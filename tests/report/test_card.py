@@ -31,6 +31,7 @@ REQUIRED_KEYS = {
     "batchnorm_folding",
     "calibration",
     "rounding",
+    "rounding_settings",
     "sensitivity_metric",
     "policy",
     "energy_model",
@@ -119,6 +120,18 @@ def test_first_last_precision_from_a_hand_made_plan():
 def test_batchnorm_text(folded, granularity, expected):
     card = build_card(**card_args(bn_folded=folded, weight_granularity=granularity))
     assert card["batchnorm_folding"] == expected
+
+
+def test_data_driven_rounding_is_named_with_its_settings():
+    settings = {"method": "gpfq", "upstream": "quantized", "damp": 0.01, "alphabet_scalar": None}
+    card = build_card(**card_args(bias_correction=True, weight_rounding=settings))
+    assert card["rounding"] == (
+        "GPFQ (Lybrand and Saab, JMLR 2021; Zhang, Zhou and Saab, SIMODS 2023), layer by layer on the quantized "
+        "network's inputs + bias correction"
+    )
+    assert card["rounding_settings"] == settings
+    nearest = build_card(**card_args(weight_rounding={"method": "nearest", "upstream": "quantized"}))
+    assert nearest["rounding"] == "nearest (round half to even)" and nearest["rounding_settings"] is None
 
 
 def test_bias_correction_and_percentile_recording():

@@ -1,0 +1,124 @@
+"""The ``WeightRounding`` callback.
+
+Rounds every quantized weight layer at its allocated width with a data-driven method (GPTQ or GPFQ,
+:mod:`lit_mpq.rounding`) instead of to nearest, on the calibration images. It runs after the ``BitAllocator`` in
+every validation run, so each point of a sweep is rounded for its own allocation; rounded weights are kept by
+everything that determines them, and a sweep reuses those its allocations share (with ``upstream: float``, every
+layer whose widths repeat).
+
+List it after ``BitAllocator`` (and after ``AttentionRefinement`` if the refined attention ranges should shape the
+rounding's inputs)::
+
+    - class_path: lit_mpq.callbacks.WeightRounding
+      init_args: {method: gpfq, num_samples: 512}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lit_mpq.callbacks._common import (
+    QUANT_STAGES,
+    calibration_batches,
+    is_quant_run,
+    measure_phase,
+    require_before,
+    require_plan,
+    strategy_reduce,
+    timer,
+)
+from lit_mpq.callbacks.allocation import BitAllocator
+from lit_mpq.report.record import RoundingRecord
+from lit_mpq.rounding import RoundingCache, RoundingSettings, round_model
+
+__all__ = ["WeightRounding"]
+
+
+class WeightRounding(Callback):
+    """Round weights with GPTQ or GPFQ after the allocation, before the quantized evaluation.
+
+    Args:
+        method: ``"gptq"`` (Frantar et al., ICLR 2023), ``"gpfq"`` (Lybrand and Saab 2021; Zhang, Zhou and Saab
+            2023) or ``"nearest"`` (no data-driven rounding: a switch for sweeps and ablations).
+        upstream: What feeds each layer while its statistics are collected: ``"quantized"`` (the methods as
+            published: the already rounded network) or ``"float"`` (the float network with only the layer's own input
+            quantized; every layer's rounding then depends on its own widths only, which a sweep reuses).
+        num_samples: Calibration images used; default: all of the calibration split.
+        damp: GPTQ's dampening, a fraction of the mean Hessian diagonal.
+        block_size: Columns per block update.
+        act_order: GPTQ rounds columns in order of decreasing Hessian diagonal.
+        alphabet_scalar: GPFQ only: the alphabet's step from ``C · median|w|`` of each layer (the source project's
+            rule) instead of the weight quantizer's own scales.
+
+    Raises:
+        ValueError: On an unknown method or upstream, a negative ``damp``, a non-positive ``num_samples`` or
+            ``block_size``, or ``alphabet_scalar`` with another method than GPFQ.
+    """
+
+    def __init__(
+        self,
+        method: str = "gptq",
+        upstream: str = "quantized",
+        num_samples: int | None = None,
+        damp: float = 0.01,
+        block_size: int = 128,
+        act_order: bool = False,
+        alphabet_scalar: float | None = None,
+    ) -> None:
+        if num_samples is not None and (isinstance(num_samples, bool) or num_samples <= 0):
+            raise ValueError(f"WeightRounding.num_samples must be a positive integer or null (all), got {num_samples}")
+        self.settings = RoundingSettings(
+            method=method,
+            upstream=upstream,
+            damp=damp,
+            block_size=block_size,
+            act_order=act_order,
+            alphabet_scalar=alphabet_scalar,
+        )
+        self.num_samples = num_samples
+        self.cache = RoundingCache()
+        """Rounded weights of earlier validation runs (a sweep's points), by what determines them."""
+        self._done = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in QUANT_STAGES:
+            return
+        require_before(trainer, self, BitAllocator, "rounds each layer at the width the allocation gives it")
+        self._done = False  # each validation run rounds for the allocation it evaluates
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._done or not is_quant_run(trainer):
+            return
+        require_plan(pl_module, "WeightRounding")
+        start = timer()
+        reduce = strategy_reduce(trainer) if trainer.world_size > 1 else None
+        with measure_phase(pl_module, "rounding"):
+            batches = list(calibration_batches(trainer, f"{self.settings.method} rounding", self.num_samples))
+            layers = round_model(
+                pl_module.model,
+                batches,
+                self.settings,
+                reduce=(lambda tensor: reduce(tensor, "sum")) if reduce is not None else None,
+                cache=self.cache,
+            )
+        self._done = True
+        seconds = timer() - start
+        images = sum(int(x.shape[0]) for x in batches)
+        pl_module.record.rounding = RoundingRecord(
+            settings=dataclasses.asdict(self.settings),
+            images_per_rank=images,
+            seconds=seconds,
+            layers=[dataclasses.asdict(layer) for layer in layers],
+        )
+        pl_module.log("time/rounding_s", seconds)
+        if layers:
+            rounded = [layer for layer in layers if layer.error_nearest > 0]
+            if rounded:
+                ratio = sum(layer.error_rounded / layer.error_nearest for layer in rounded) / len(rounded)
+                pl_module.log("rounding/mean_error_ratio", ratio)

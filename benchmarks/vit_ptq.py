@@ -10,6 +10,8 @@ settings change:
   RepQ-ViT);
 - the exact allocator (``ExactAllocation``, Fisher sensitivities) at the analytic energy of uniform W4A4, with
   candidates 3, 4, 6 and 8 bits, and again with activations kept at 4 bits or more;
+- rounding: the W4 rows and the allocator with every weight rounded by GPTQ (``WeightRounding``, issue 9) instead of to
+  nearest, on the calibration images;
 - ablations: each of the recipe's ViT-specific parts (softmax levels: log√2 below 6 bits and uniform from 6 up,
   against log√2 or uniform at every width; the RepQ-ViT post-LayerNorm reparameterization; the ranking-aware
   refinement of the attention ranges) switched off, one at a time, at W6A6 and W4A4.
@@ -17,7 +19,8 @@ settings change:
 Each row prints top-1 (percent), analytic energy (µJ/image, the config's energy model), parameter-weighted weight bits,
 element-weighted activation bits (matmul operands included) and the wall time of the whole ``validate`` call::
 
-    python benchmarks/vit_ptq.py [--models deit vit] [--calibration 256] [--rows main|ablations|all] [--only REGEX]
+    python benchmarks/vit_ptq.py [--models deit vit] [--calibration 256] [--rows main|rounding|ablations|all]
+        [--only REGEX]
 
 ``--only`` keeps the rows whose name matches a regular expression (``re.search``), e.g. ``--only 'W8A8|W6A6'``.
 
@@ -36,7 +39,7 @@ from pathlib import Path
 from _runs import quiet_run_args
 
 from lit_mpq.allocation import ExactAllocation, Policy, Uniform
-from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe
+from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe, WeightRounding
 from lit_mpq.cli import main as cli_main
 
 CONFIGS = {"deit": "configs/deit.yaml", "vit": "configs/vit_tiny.yaml"}
@@ -61,7 +64,11 @@ def run(config: str, out: Path, policy: Policy, calibration: int, fp32: bool, **
         run=False,
     )
     refine = changes.pop("refine", None)
+    rounding = changes.pop("rounding", None)
     callbacks = cli.trainer.callbacks
+    if rounding is not None:  # after the allocation and the attention ranges' refinement, before the evaluation
+        after = max(i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("BitAllocator", "AttentionRefinement"))
+        callbacks.insert(after + 1, WeightRounding(method=rounding))
     for callback in list(callbacks):
         if isinstance(callback, Calibration):
             callback.settings = dataclasses.replace(callback.settings, **changes)
@@ -87,26 +94,33 @@ def run(config: str, out: Path, policy: Policy, calibration: int, fp32: bool, **
 
 
 def jobs(rows: str) -> list[tuple[str, Policy, dict]]:
-    """The (row name, policy, calibration changes) of the ``rows`` lane: ``main``, ``ablations`` or ``all``."""
+    """The (row name, policy, calibration changes) of a lane: ``main``, ``rounding``, ``ablations`` or ``all``."""
     main_rows = [(f"uniform W{w}A{a}", Uniform(w, a), {}) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4))]
     budget = ExactAllocation(energy_relative_to="W4A4", w_candidates=W_CANDIDATES, a_candidates=A_CANDIDATES)
     main_rows.append(("exact allocator, energy <= uniform W4A4", budget, {}))
     # 3-bit activations compound through twelve blocks in a way no sum of single-tensor scores sees: without them
     no_a3 = ExactAllocation(energy_relative_to="W4A4", w_candidates=W_CANDIDATES, a_candidates=[4, 6, 8])
     main_rows.append(("exact allocator, energy <= uniform W4A4, activations >= 4 bits", no_a3, {}))
+    rounding_rows = [
+        ("uniform W4A8, GPTQ", Uniform(4, 8), {"rounding": "gptq"}),
+        ("uniform W4A4, GPTQ", Uniform(4, 4), {"rounding": "gptq"}),
+        ("exact allocator, energy <= uniform W4A4, GPTQ", budget, {"rounding": "gptq"}),
+        ("exact allocator, energy <= uniform W4A4, activations >= 4 bits, GPTQ", no_a3, {"rounding": "gptq"}),
+    ]
     ablation_rows = [
         (f"uniform W{w}A{a}, {name}", Uniform(w, a), dict(change))
         for w, a in ((6, 6), (4, 4))
         for name, change in ABLATIONS.items()
     ]
-    return {"main": main_rows, "ablations": ablation_rows, "all": main_rows + ablation_rows}[rows]
+    lanes = {"main": main_rows, "ablations": ablation_rows, "rounding": rounding_rows}
+    return {**lanes, "all": main_rows + rounding_rows + ablation_rows}[rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument("--rows", choices=["main", "ablations", "all"], default="all")
+    parser.add_argument("--rows", choices=["main", "ablations", "rounding", "all"], default="all")
     parser.add_argument("--only", default=None, help="keep the rows whose name matches this regular expression")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/vit_ptq"))
     args = parser.parse_args()

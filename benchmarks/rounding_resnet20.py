@@ -1,0 +1,115 @@
+"""Benchmark: lit_mpq's GPTQ and GPFQ against Brevitas' on the shared CIFAR-10 ResNet-20, side by side in one run.
+
+For each setting of ``shared/reference/peer_results_resnet20.md`` (W4A8, W4A4 with the first and last layer at 8
+bits, W4A4 everywhere, W3A8) and each method (nearest, + bias correction, GPTQ, GPFQ), lit_mpq runs
+``configs/resnet20_cifar10.yaml``'s pipeline (calibration on the first 512 lossless training images, per-channel
+min/max weights, per-tensor MSE activation ranges, top-1 on the 1,000 lossless test images) with
+``Uniform(w, a)``, ``first_last_bits`` and a ``WeightRounding`` callback; then, in the same run, Brevitas 0.13.4
+(``benchmarks/peers/brevitas_resnet20.py``, in its own environment ``benchmarks/peers/.venv-brevitas``, made by
+``benchmarks/peers/setup_brevitas.sh``; it is not a dependency of lit_mpq) does the same rows. Times are the
+rounding step alone (lit_mpq: the ``WeightRounding`` callback; Brevitas: ``apply_gptq`` / ``apply_gpfq``), both with
+every layer's pass over the 512 calibration images::
+
+    bash benchmarks/peers/setup_brevitas.sh   # once
+    python benchmarks/rounding_resnet20.py [--settings w4a8 w4a4 w4a4_all w3a8] [--methods nearest bias_corr gptq gpfq]
+
+The two runs alternate per setting (lit_mpq's rows, then Brevitas'), so both see the same load on this shared
+machine. Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _runs import quiet_run_args
+
+from lit_mpq.allocation import Uniform
+from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe, WeightRounding
+from lit_mpq.cli import main as cli_main
+
+CONFIG = "configs/resnet20_cifar10.yaml"
+PEER_PYTHON = Path("benchmarks/peers/.venv-brevitas/bin/python")
+PEER_SCRIPT = Path("benchmarks/peers/brevitas_resnet20.py")
+SETTINGS = {"w4a8": (4, 8, 8), "w4a4": (4, 4, 8), "w4a4_all": (4, 4, None), "w3a8": (3, 8, 8)}
+METHODS = ("nearest", "bias_corr", "gptq", "gpfq")
+
+
+def lit_mpq_row(setting: str, method: str, out: Path) -> dict:
+    """One lit_mpq ``validate``: top-1 and the rounding time."""
+    w_bits, a_bits, first_last = SETTINGS[setting]
+    cli = cli_main(quiet_run_args(CONFIG, out), run=False)
+    callbacks = cli.trainer.callbacks
+    for position, callback in enumerate(list(callbacks)):
+        if isinstance(callback, BitAllocator):
+            callback.policy, callback.first_last_bits = Uniform(w_bits, a_bits), first_last
+            rounding = method if method in ("gptq", "gpfq") else "nearest"
+            callbacks.insert(position + 1, WeightRounding(method=rounding))
+        if isinstance(callback, Calibration):
+            callback.settings = dataclasses.replace(callback.settings, bias_correction=method == "bias_corr")
+    callbacks[:] = [callback for callback in callbacks if not isinstance(callback, SensitivityProbe)]
+    start = time.perf_counter()
+    metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
+    record = cli.model.record.rounding
+    return {
+        "top1": metrics["val/top1"],
+        "round_s": record.seconds if record is not None and method in ("gptq", "gpfq") else 0.0,
+        "total_s": time.perf_counter() - start,
+    }
+
+
+def peer_rows(setting: str, methods: list[str]) -> dict[str, dict]:
+    """Brevitas' rows of ``setting`` (its own interpreter), or an empty dict with a note when it is not set up."""
+    if not PEER_PYTHON.exists():
+        print(
+            f"Brevitas is not set up ({PEER_PYTHON} missing): run bash benchmarks/peers/setup_brevitas.sh",
+            file=sys.stderr,
+        )
+        return {}
+    done = subprocess.run(
+        [str(PEER_PYTHON), str(PEER_SCRIPT), "--settings", setting, "--methods", *methods],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {row["method"]: row for row in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/rounding_resnet20"))
+    args = parser.parse_args()
+    table = []
+    for setting in args.settings:
+        ours = {method: lit_mpq_row(setting, method, args.out) for method in args.methods}
+        theirs = peer_rows(setting, list(args.methods))
+        for method in args.methods:
+            peer = theirs.get(method, {})
+            table.append((setting, method, ours[method], peer))
+            print(f"{setting} {method}: lit_mpq {ours[method]}, Brevitas {peer}", file=sys.stderr, flush=True)
+    print(f"\n`python benchmarks/rounding_resnet20.py --settings {' '.join(args.settings)}`\n")
+    print(
+        "| setting | method | lit_mpq top-1 | Brevitas top-1 | lit_mpq rounding s | Brevitas rounding s | time ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for setting, method, ours, peer in table:
+        peer_top1 = f"{peer['top1']:.1f}" if peer else "-"
+        peer_s = peer.get("round_s")
+        ratio = f"{ours['round_s'] / peer_s:.2f}" if peer_s and ours["round_s"] else "-"
+        ours_s = f"{ours['round_s']:.1f}" if ours["round_s"] else "-"
+        print(
+            f"| {setting} | {method} | {ours['top1']:.1f} | {peer_top1} | {ours_s} | "
+            f"{f'{peer_s:.1f}' if peer_s else '-'} | {ratio} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

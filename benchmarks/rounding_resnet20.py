@@ -15,6 +15,10 @@ every layer's pass over the 512 calibration images::
 
 The two runs alternate per setting (lit_mpq's rows, then Brevitas'), so both see the same load on this shared
 machine. Run from the repository root.
+
+Both sides classify the same 1,000 test images, so the table also gives the paired comparison: the difference in
+top-1 and McNemar's exact test on the images exactly one of the two gets right (its two-sided p-value; one image is
+0.1 point, and a difference of a few images is what two equally good roundings of the same model differ by).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from _runs import quiet_run_args
+from scipy.stats import binomtest
 
 from lit_mpq.allocation import Uniform
 from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe, WeightRounding
@@ -55,12 +61,36 @@ def lit_mpq_row(setting: str, method: str, out: Path) -> dict:
     callbacks[:] = [callback for callback in callbacks if not isinstance(callback, SensitivityProbe)]
     start = time.perf_counter()
     metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
+    total_s = time.perf_counter() - start
     record = cli.model.record.rounding
+    correct = correct_images(cli.model, cli.datamodule.val_dataloader())
+    top1 = 100.0 * float(correct.float().mean())
+    if abs(top1 - metrics["val/top1"]) > 1e-3:
+        raise RuntimeError(f"per-image top-1 {top1:.2f} differs from the validation's {metrics['val/top1']:.2f}")
     return {
-        "top1": metrics["val/top1"],
+        "top1": top1,
         "round_s": record.seconds if record is not None and method in ("gptq", "gpfq") else 0.0,
-        "total_s": time.perf_counter() - start,
+        "total_s": total_s,
+        "correct": "".join("1" if c else "0" for c in correct.tolist()),
     }
+
+
+@torch.no_grad()
+def correct_images(module: torch.nn.Module, loader) -> torch.Tensor:
+    """Whether the quantized model classifies each image of ``loader`` correctly (bool, in order)."""
+    module.eval()
+    return torch.cat([module(x).argmax(1) == y for x, y in loader])
+
+
+def mcnemar(ours: str, theirs: str) -> tuple[float, float]:
+    """Top-1 difference (points) and McNemar's exact two-sided p-value from two per-image ``0``/``1`` strings."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"the two runs classified {len(ours)} and {len(theirs)} images")
+    only_ours = sum(a == "1" and b == "0" for a, b in zip(ours, theirs, strict=True))
+    only_theirs = sum(a == "0" and b == "1" for a, b in zip(ours, theirs, strict=True))
+    discordant = only_ours + only_theirs
+    p_value = binomtest(only_ours, discordant, 0.5).pvalue if discordant else 1.0
+    return 100.0 * (only_ours - only_theirs) / len(ours), p_value
 
 
 def peer_rows(setting: str, methods: list[str]) -> dict[str, dict]:
@@ -94,19 +124,24 @@ def main() -> None:
         for method in args.methods:
             peer = theirs.get(method, {})
             table.append((setting, method, ours[method], peer))
-            print(f"{setting} {method}: lit_mpq {ours[method]}, Brevitas {peer}", file=sys.stderr, flush=True)
+            brief = {key: value for key, value in ours[method].items() if key != "correct"}
+            peer_brief = {key: value for key, value in peer.items() if key != "correct"}
+            print(f"{setting} {method}: lit_mpq {brief}, Brevitas {peer_brief}", file=sys.stderr, flush=True)
     print(f"\n`python benchmarks/rounding_resnet20.py --settings {' '.join(args.settings)}`\n")
     print(
-        "| setting | method | lit_mpq top-1 | Brevitas top-1 | lit_mpq rounding s | Brevitas rounding s | time ratio |"
+        "| setting | method | lit_mpq top-1 | Brevitas top-1 | difference | McNemar p | lit_mpq rounding s "
+        "| Brevitas rounding s | time ratio |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for setting, method, ours, peer in table:
         peer_top1 = f"{peer['top1']:.1f}" if peer else "-"
+        difference, p_value = mcnemar(ours["correct"], peer["correct"]) if "correct" in peer else (None, None)
+        paired = f"{difference:+.1f} | {p_value:.2f}" if difference is not None else "- | -"
         peer_s = peer.get("round_s")
         ratio = f"{ours['round_s'] / peer_s:.2f}" if peer_s and ours["round_s"] else "-"
         ours_s = f"{ours['round_s']:.1f}" if ours["round_s"] else "-"
         print(
-            f"| {setting} | {method} | {ours['top1']:.1f} | {peer_top1} | {ours_s} | "
+            f"| {setting} | {method} | {ours['top1']:.1f} | {peer_top1} | {paired} | {ours_s} | "
             f"{f'{peer_s:.1f}' if peer_s else '-'} | {ratio} |"
         )
 

@@ -41,11 +41,12 @@ per_channel``, ``--act-quant-percentile 99.999`` (its default), bias correction 
    ``brevitas.export`` needs ``onnx`` in 0.13.4, which this venv does without).
 
 Each (setting, method) starts again from the float model. One JSON line each: ``setting``, ``method``, ``top1``
-(percent), ``round_s`` and ``total_s``. ``round_s`` is the wall time of the step that sets the rounding:
-the whole ``apply_gptq`` / ``apply_gpfq`` call (every layer, each with its pass over the 512 calibration images,
-plus the per-layer solve), which is what the reference's "GPFQ time" column covers (about 40 s on 2 cores);
-for ``bias_corr`` it is ``apply_bias_correction``, for ``gpfq_bias_corr`` both, and 0 for ``nearest`` (the
-quantizers round to nearest when they run). ``total_s`` covers steps 1 to 5, evaluation included.
+(percent), ``round_s``, ``total_s`` and ``correct`` (one ``0``/``1`` per test image, in order, for paired tests).
+``round_s`` is the wall time of the step that sets the rounding: the whole ``apply_gptq`` / ``apply_gpfq`` call
+(every layer, each with its pass over the 512 calibration images, plus the per-layer solve), which is what the
+reference's "GPFQ time" column covers (about 40 s on 2 cores); for ``bias_corr`` it is ``apply_bias_correction``,
+for ``gpfq_bias_corr`` both, and 0 for ``nearest`` (the quantizers round to nearest when they run). ``total_s``
+covers steps 1 to 5, evaluation included.
 """
 
 from __future__ import annotations
@@ -176,13 +177,10 @@ def quantize(
 
 
 @torch.no_grad()
-def top1(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 250) -> float:
-    """Top-1 accuracy in percent."""
+def correct_images(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 250) -> Tensor:
+    """Whether each test image is classified correctly (bool, in order)."""
     model.eval()
-    correct = 0
-    for x, y in batches(images, labels, batch_size):
-        correct += int((model(x).argmax(1) == y).sum())
-    return 100.0 * correct / len(labels)
+    return torch.cat([model(x).argmax(1) == y for x, y in batches(images, labels, batch_size)])
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -227,13 +225,14 @@ def run_one(
         )
     if method in ("bias_corr", "gpfq_bias_corr"):
         round_s += timed(lambda: ptq_common.apply_bias_correction(calib, qmodel))
-    acc = top1(qmodel, *test)
+    correct = correct_images(qmodel, *test)
     return {
         "setting": name,
         "method": method,
-        "top1": round(acc, 2),
+        "top1": round(100.0 * float(correct.float().mean()), 2),
         "round_s": round(round_s, 2),
         "total_s": round(time.perf_counter() - start, 2),
+        "correct": "".join("1" if c else "0" for c in correct.tolist()),
     }
 
 

@@ -81,6 +81,7 @@ PARETO_KINDS = {  # kind -> (marker, colour, legend label)
     "budget": ("o", "tab:blue", "energy budget (allocated)"),
     "uniform": ("s", "tab:green", "uniform bit width"),
     "seed_rule": ("D", "tab:purple", "seed rule"),
+    "split": ("P", "tab:orange", "Asc/Desc weight split"),
     "random": (".", "tab:gray", "random allocation"),
 }
 OTHER_KIND = ("^", "tab:brown", "other baseline")

@@ -171,7 +171,11 @@ def kernel_input(layer: QuantLayerMixin, x: Tensor, quantize: bool) -> Tensor:
 
 
 def input_columns(layer: QuantLayerMixin, x: Tensor) -> Tensor:
-    """The layer's input as ``[groups, samples, fan_in]`` rows, matching :func:`~lit_mpq.rounding.grid.as_groups`.
+    """The layer's input as ``[groups, samples, fan_in]`` rows, in the column order of :func:`column_order`.
+
+    A Linear's columns are its input features. A convolution's are its im2col patches in *tap-major* order
+    (``[kh * kw, in / groups]`` per group: every kernel tap's channels side by side), which is what a fast im2col
+    writes; :func:`column_order` maps them back to the order of a flattened kernel (``[in / groups, kh * kw]``).
 
     Raises:
         NotImplementedError: For a convolution with a non-zero padding mode or string padding.
@@ -184,9 +188,27 @@ def input_columns(layer: QuantLayerMixin, x: Tensor) -> Tensor:
             )
         cols = im2col(layer.pad_input(x), layer.kernel_size, layer.padding, layer.stride, layer.dilation)
         groups = layer.groups
-        fan_in = cols.shape[1] // groups
-        return cols.reshape(-1, groups, fan_in).transpose(0, 1)
+        if groups == 1:
+            return cols.unsqueeze(0)
+        taps = layer.kernel_size[0] * layer.kernel_size[1]
+        per_group = cols.shape[1] // (taps * groups)
+        return cols.reshape(-1, taps, groups, per_group).permute(2, 0, 1, 3).reshape(groups, -1, taps * per_group)
     return x.reshape(1, -1, x.shape[-1])
+
+
+def column_order(layer: QuantLayerMixin) -> Tensor | None:
+    """Index that puts :func:`input_columns`' columns in flattened-kernel order (None: they already are).
+
+    ``kernel_columns = columns[..., column_order(layer)]``: kernel column ``c * kh * kw + t`` (channel ``c``, tap
+    ``t``) is tap-major column ``t * channels + c``.
+    """
+    if not isinstance(layer, nn.Conv2d):
+        return None
+    taps = layer.kernel_size[0] * layer.kernel_size[1]
+    if taps == 1:
+        return None
+    channels = layer.in_channels // layer.groups
+    return torch.arange(taps * channels).reshape(taps, channels).t().reshape(-1)
 
 
 def im2col(
@@ -196,14 +218,16 @@ def im2col(
     stride: tuple[int, int],
     dilation: tuple[int, int],
 ) -> Tensor:
-    """Patches of ``x`` ``[N, C, H, W]`` as rows ``[N * Ho * Wo, C * kh * kw]``, columns ordered like a flat kernel.
+    """Patches of ``x`` ``[N, C, H, W]`` as rows ``[N * Ho * Wo, kh * kw * C]``, columns tap-major.
 
-    The same matrix as ``F.unfold(x, ...).transpose(1, 2)``, built from ``kh * kw`` strided slices: several times
-    faster than ``F.unfold`` on CPU (``tests/rounding/test_layerwise.py`` checks they are equal).
+    Column ``t * C + c`` is channel ``c`` at kernel tap ``t`` (row-major over ``kh, kw``): the columns of
+    ``F.unfold(x, ...).transpose(1, 2)`` (channel-major) permuted by :func:`column_order`'s inverse. Built from
+    ``kh * kw`` strided slices of a channels-last copy of ``x`` laid side by side, each a run of whole channel
+    vectors: several times faster than ``F.unfold`` on CPU (``tests/rounding/test_layerwise.py`` checks the two
+    agree).
     """
     (kh, kw), (ph, pw), (sh, sw), (dh, dw) = kernel_size, padding, stride, dilation
-    # Channels last first, so that stacking the taps last gives [N, Ho, Wo, C, kh * kw] already in row order.
-    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)
+    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()
     n, h, w, c = padded.shape
     out_h = (h - dh * (kh - 1) - 1) // sh + 1
     out_w = (w - dw * (kw - 1) - 1) // sw + 1
@@ -212,7 +236,7 @@ def im2col(
         for i in range(kh)
         for j in range(kw)
     ]
-    return torch.stack(taps, dim=-1).reshape(n * out_h * out_w, c * kh * kw)
+    return torch.cat(taps, dim=-1).reshape(n * out_h * out_w, kh * kw * c)
 
 
 class _Moments:
@@ -423,7 +447,9 @@ class _Work:
         bits, a_bits = key[2], key[3]
         target = rounding_target(layer)
         weight = as_groups(target, getattr(layer, "groups", 1))
-        moments = _Moments(settings.method == "gpfq", weight)
+        order = column_order(layer)
+        # The moments are summed in the columns' own (tap-major) order and put in kernel order once, at the end.
+        moments = _Moments(settings.method == "gpfq", weight if order is None else weight[:, :, torch.argsort(order)])
         with torch.no_grad():
             for i, raw in enumerate(quantized_inputs):
                 q_cols = input_columns(layer, kernel_input(layer, raw, quantize=a_bits is not None))
@@ -432,6 +458,10 @@ class _Work:
                     f_cols = input_columns(layer, kernel_input(layer, float_inputs[i], quantize=False))
                 moments.add(q_cols, f_cols)
         gram, cross, float_energy = moments.reduced(self.reduce)
+        if order is not None:
+            order = order.to(gram.device)
+            gram = gram[:, order][:, :, order]
+            cross = None if cross is None else cross[:, order][:, :, order]
         grid = _grid(layer, target, bits, settings).to(weight.device)
         if settings.method == "gptq":
             rounded = gptq_round(weight, gram, grid, settings.damp, settings.block_size, settings.act_order)
@@ -539,6 +569,7 @@ __all__ = [
     "RoundingCache",
     "RoundingSettings",
     "execution_order",
+    "column_order",
     "input_columns",
     "kernel_input",
     "round_model",

@@ -54,8 +54,9 @@ class SweepSettings:
             (used when ``budgets`` is not given).
         budgets: Explicit budgets as multiples of ``relative_to``'s uniform energy, e.g. ``[0.8, 1.0, 1.2]``.
         relative_to: Uniform setting whose energy is the unit of ``budgets`` and of random allocations.
-        w_candidates: Weight bit widths the solver may pick; ``None``: the probe's candidates.
-        a_candidates: Activation bit widths the solver may pick; ``None``: the probe's candidates.
+        w_candidates: Weight bit widths the solver may pick; ``None``: those of the config's ``ExactAllocation``, or
+            the probe's candidates when the config allocates otherwise.
+        a_candidates: Activation bit widths the solver may pick; ``None``: as ``w_candidates``.
         baselines: Uniform settings evaluated as baselines (``W<b>A<b>``).
         seed_rule: Also evaluate the seed percentile rule (weights 4/6/8 by sensitivity, A8).
         splits: Weight splits to evaluate, any of ``"asc"`` (first half of the weights, by cumulative weight count, at
@@ -190,7 +191,11 @@ def budget_ratios(
 
 
 def sweep_points(
-    settings: SweepSettings, plan: QuantPlan, energy_model: EnergyModel, probe_bits: Sequence[int]
+    settings: SweepSettings,
+    plan: QuantPlan,
+    energy_model: EnergyModel,
+    probe_bits: Sequence[int],
+    config_candidates: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> list[SweepPoint]:
     """The points evaluated after the config's own: budgets, uniform baselines, the seed rule, splits, random ones.
 
@@ -199,12 +204,15 @@ def sweep_points(
         plan: The plan after the config's own allocation (its pins count towards every budget).
         energy_model: The run's energy model (the ``EnergyMeter``'s).
         probe_bits: The probe's candidate bit widths, the default candidates of the solver.
+        config_candidates: ``(w_candidates, a_candidates)`` of the config's own ``ExactAllocation``: the default
+            instead of ``probe_bits`` (a sweep of an energy config then explores the space the config allocates in).
 
     Returns:
         The points in evaluation order, with unique names.
     """
-    w_candidates = list(settings.w_candidates or probe_bits)
-    a_candidates = list(settings.a_candidates or probe_bits)
+    w_default, a_default = config_candidates or (probe_bits, probe_bits)
+    w_candidates = list(settings.w_candidates or w_default)
+    a_candidates = list(settings.a_candidates or a_default)
     ratios = budget_ratios(plan, energy_model, settings, w_candidates, a_candidates)
     points = [
         SweepPoint(

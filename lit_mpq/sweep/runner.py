@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lit_mpq.allocation import ExactAllocation
 from lit_mpq.allocation.solver import InfeasibleBudgetError
 from lit_mpq.callbacks import BitAllocator, EnergyMeter, Report, SensitivityProbe
 from lit_mpq.callbacks.allocation import energy_model_of
@@ -174,7 +175,9 @@ def run_sweep(
             write_tables(sweep_dir, rows, energy_name, energy_source, skipped)
 
     write()
-    points = sweep_points(settings, model.plan, energy_model_of(trainer), probe.candidate_bits)
+    policy = config.policy
+    config_candidates = (policy.w_candidates, policy.a_candidates) if isinstance(policy, ExactAllocation) else None
+    points = sweep_points(settings, model.plan, energy_model_of(trainer), probe.candidate_bits, config_candidates)
     fp32_reference = model.hparams.get("fp32_reference")
     current = config
     try:

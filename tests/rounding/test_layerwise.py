@@ -23,7 +23,7 @@ from lit_mpq.quant.apply import QuantSettings, apply_plan, measure_model, quant_
 from lit_mpq.quant.functional import quant_range
 from lit_mpq.quant.weights import weight_qparams
 from lit_mpq.rounding import Grid, RoundingCache, RoundingSettings, gptq_round, round_model
-from lit_mpq.rounding.layerwise import im2col, input_columns
+from lit_mpq.rounding.layerwise import column_order, im2col, input_columns
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -245,12 +245,17 @@ def test_im2col_equals_unfold():
     for kernel, padding, stride, dilation in [((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 2), (2, 0), (2, 1), (2, 1))]:
         expected = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
         got = im2col(x, kernel, padding, stride, dilation)
-        torch.testing.assert_close(got, expected.reshape(-1, expected.shape[-1]), rtol=0, atol=0)
+        order = column_order(nn.Conv2d(4, 1, kernel))
+        torch.testing.assert_close(got[:, order], expected.reshape(-1, expected.shape[-1]), rtol=0, atol=0)
     conv = prepared(
         nn.Sequential(OrderedDict(conv=nn.Conv2d(4, 6, 3, padding=1, groups=2))), x[:1], [x], w_bits=8, a_bits=8
     ).conv
     cols = input_columns(conv, x)
     assert cols.shape == (2, 2 * 9 * 7, 2 * 9)
+    for group in range(2):  # each group sees its own two input channels, columns like its flattened kernel slice
+        expected = F.unfold(x[:, 2 * group : 2 * group + 2], 3, padding=1).transpose(1, 2).reshape(-1, 18)
+        torch.testing.assert_close(cols[group][:, column_order(conv)], expected, rtol=0, atol=0)
+    assert column_order(nn.Linear(3, 2)) is None and column_order(nn.Conv2d(4, 2, 1)) is None
 
 
 def test_settings_are_checked():

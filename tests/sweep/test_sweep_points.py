@@ -77,6 +77,21 @@ def test_points_in_order_with_unique_names_and_the_candidates():
     assert settings.expected_points == 1 + len(points)
 
 
+def test_the_config_allocators_candidates_are_the_default_and_options_override_them():
+    plan, model = make_plan(), HorowitzEnergyModel()
+    config = ([2, 4, 8], [4, 8])  # an energy config that keeps activations at 4 bits or more
+    points = sweep_points(SweepSettings(num_budgets=2, num_random=1), plan, model, [2, 4, 6, 8], config)
+    budget, random = points[0].policy, points[-1].policy
+    assert (budget.w_candidates, budget.a_candidates) == ([2, 4, 8], [4, 8])
+    assert (random.w_candidates, random.a_candidates) == ([2, 4, 8], [4, 8])
+    # The cheapest budget is the cheapest allocation within the config's candidates, not the probe's (A2 here).
+    assert points[0].budget_ratio * uniform_energy(plan, model, 4, 4).total_pj / 1e6 == pytest.approx(
+        energy_span(plan, model, [2, 4, 8], [4, 8])[0]
+    )
+    chosen = sweep_points(SweepSettings(num_budgets=1, a_candidates=[6, 8]), plan, model, [2, 4, 6, 8], config)
+    assert (chosen[0].policy.w_candidates, chosen[0].policy.a_candidates) == ([2, 4, 8], [6, 8])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

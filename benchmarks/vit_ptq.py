@@ -11,7 +11,7 @@ settings change:
 - the exact allocator (``ExactAllocation``, Fisher sensitivities) at the analytic energy of uniform W4A4, with
   candidates 3, 4, 6 and 8 bits, and again with activations kept at 4 bits or more;
 - rounding: the W4 rows and the allocator with every weight rounded by GPTQ (``WeightRounding``, issue 9) instead of to
-  nearest, on the calibration images, and the allocator without 3-bit activations with GPFQ;
+  nearest, on the calibration images, and uniform W4A8 and the allocator without 3-bit activations with GPFQ;
 - ablations: each of the recipe's ViT-specific parts (softmax levels: log√2 below 6 bits and uniform from 6 up,
   against log√2 or uniform at every width; the RepQ-ViT post-LayerNorm reparameterization; the ranking-aware
   refinement of the attention ranges) switched off, one at a time, at W6A6 and W4A4.
@@ -106,6 +106,7 @@ def jobs(rows: str) -> list[tuple[str, Policy, dict]]:
         ("uniform W4A4, GPTQ", Uniform(4, 4), {"rounding": "gptq"}),
         ("exact allocator, energy <= uniform W4A4, GPTQ", budget, {"rounding": "gptq"}),
         ("exact allocator, energy <= uniform W4A4, activations >= 4 bits, GPTQ", no_a3, {"rounding": "gptq"}),
+        ("uniform W4A8, GPFQ", Uniform(4, 8), {"rounding": "gpfq"}),
         ("exact allocator, energy <= uniform W4A4, activations >= 4 bits, GPFQ", no_a3, {"rounding": "gpfq"}),
     ]
     ablation_rows = [

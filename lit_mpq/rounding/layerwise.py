@@ -27,7 +27,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -96,6 +96,9 @@ class LayerRounding:
         error_rounded: The same with the method's ``Q``.
         seconds: Collection and rounding time of this layer (0 when reused from the cache).
         reused: Taken from the cache.
+        input_drift: GPFQ only: how far the quantized network's inputs have moved from the float network's, as the
+            float weight sees them, ``||W X - W X~||² / ||W X||²`` (0 when the inputs are the float ones; None for
+            GPTQ, which never sees the float network).
     """
 
     name: str
@@ -104,6 +107,7 @@ class LayerRounding:
     error_rounded: float
     seconds: float
     reused: bool = False
+    input_drift: float | None = None
 
 
 @dataclass
@@ -414,7 +418,7 @@ def round_model(
         if name not in to_round:
             _, rounded, record = cache.entries[keys[name]]
             layers[name].weight_quantizer.set_rounded(keys[name][2], rounding_target(layers[name]), rounded)
-            done[name] = LayerRounding(record.name, record.bits, record.error_nearest, record.error_rounded, 0.0, True)
+            done[name] = replace(record, seconds=0.0, reused=True)
     work = _Work(settings, reduce, cache, progress, done)
     if any(calls.get(name, 1) != 1 for name in to_round):
         _round_by_partial_passes(model, {name: layers[name] for name in to_round}, keys, batches, calls, work)
@@ -470,7 +474,8 @@ class _Work:
         rounded_weight = rounded.reshape(target.shape).to(target.dtype)
         layer.weight_quantizer.set_rounded(bits, target, rounded_weight)
         errors = tuple(_relative_error(weight, q, gram, cross, float_energy) for q in (grid.round(weight), rounded))
-        record = LayerRounding(name, bits, *errors, time.perf_counter() - start)
+        drift = _relative_error(weight, weight, gram, cross, float_energy) if cross is not None else None
+        record = LayerRounding(name, bits, *errors, time.perf_counter() - start, input_drift=drift)
         if self.cache is not None:
             self.cache.entries[key] = (target.clone(), rounded_weight, record)
         self.done[name] = record

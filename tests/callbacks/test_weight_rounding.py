@@ -4,6 +4,7 @@ sweep on the embedded digits model, and on the shared ResNet-20 with ``configs/r
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,3 +177,18 @@ def test_resnet20_energy_gpfq_config_matches_fp32_at_the_energy_of_uniform_w4a4(
     metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
     assert metrics["val/top1_fp32"] == pytest.approx(91.5)
     assert metrics["val/top1"] >= 91.5  # issue 9: the energy of uniform W4A4 at FP32 accuracy
+
+
+def test_gpfq_warns_when_the_quantized_inputs_drift_far_from_the_float_ones():
+    from lit_mpq.callbacks.rounding import GPFQ_DRIFT_WARNING, warn_on_drift
+    from lit_mpq.rounding import LayerRounding
+
+    def layer(name: str, drift: float | None) -> LayerRounding:
+        return LayerRounding(name, 4, 0.3, 0.2, 0.1, input_drift=drift)
+
+    calm = [layer("a", 0.1), layer("b", GPFQ_DRIFT_WARNING), layer("c", None)]  # at the threshold: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_on_drift(calm)
+    with pytest.warns(UserWarning, match=r"2 of 4 layers .* worst deep: 1\.09.*method: gptq"):
+        warn_on_drift([layer("a", 0.1), layer("c", None), layer("mid", 0.6), layer("deep", 1.09)])

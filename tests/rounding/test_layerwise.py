@@ -74,13 +74,18 @@ def _grid_of(layer, bits: int) -> np.ndarray:
     return scale.double().numpy(), zero_point.numpy()
 
 
-def reference_gpfq_mlp(paper_gpfq, float_model: nn.Sequential, quant_model: nn.Sequential, batches, bits: int) -> dict:
-    """Literal GPFQ over the MLP: layer by layer, neuron by neuron, with explicit X and X~ (float64 numpy)."""
+def reference_gpfq_mlp(
+    paper_gpfq, float_model: nn.Sequential, quant_model: nn.Sequential, batches, bits: int
+) -> tuple[dict, dict]:
+    """Literal GPFQ over the MLP: layer by layer, neuron by neuron, with explicit X and X~ (float64 numpy).
+
+    Returns the rounded weights and each layer's input drift ``||W X - W X~||² / ||W X||²``.
+    """
     x = torch.cat(batches)
     layers = quant_layers(quant_model)
     float_in = x
     quant_in = x
-    rounded = {}
+    rounded, drift = {}, {}
     for name in ("fc1", "fc2", "fc3"):
         layer = layers[name]
         x_float = float_in.double().numpy()
@@ -88,6 +93,7 @@ def reference_gpfq_mlp(paper_gpfq, float_model: nn.Sequential, quant_model: nn.S
         scale, _ = _grid_of(layer, bits)
         qmin, qmax = quant_range(bits, True)
         weight = layer.weight.detach().double().numpy()
+        drift[name] = np.sum((x_float @ weight.T - x_quant @ weight.T) ** 2) / np.sum((x_float @ weight.T) ** 2)
         q = np.stack(
             [
                 paper_gpfq(weight[r], x_float, x_quant, np.arange(qmin, qmax + 1) * scale[r])
@@ -101,18 +107,22 @@ def reference_gpfq_mlp(paper_gpfq, float_model: nn.Sequential, quant_model: nn.S
         if name != "fc3":
             float_out, quant_out = F.relu(float_out), F.relu(quant_out)
         float_in, quant_in = float_out.detach(), quant_out.detach()
-    return rounded
+    return rounded, drift
 
 
 def test_round_model_gpfq_equals_the_literal_layer_by_layer_algorithm(paper_gpfq):
     batches = mlp_batches()
     float_model = mlp()
     model = prepared(mlp(), batches[0][:1], batches, w_bits=3, a_bits=4)
-    round_model(model, batches, RoundingSettings(method="gpfq"))
-    reference = reference_gpfq_mlp(paper_gpfq, float_model, model, batches, bits=3)
+    records = round_model(model, batches, RoundingSettings(method="gpfq"))
+    reference, drift = reference_gpfq_mlp(paper_gpfq, float_model, model, batches, bits=3)
     for name, layer in quant_layers(model).items():
         got = layer.weight_quantizer.rounded[3][1].double().numpy()
         np.testing.assert_allclose(got, reference[name], atol=1e-5, err_msg=name)
+    assert [r.name for r in records] == ["fc1", "fc2", "fc3"]
+    for record in records:  # 4-bit inputs: fc1's drift is its own input quantization, later ones add the upstream's
+        assert record.input_drift == pytest.approx(drift[record.name], rel=1e-4), record.name
+    assert records[0].input_drift < records[2].input_drift
 
 
 def test_round_model_gptq_equals_gptq_on_the_quantized_networks_inputs():

@@ -144,20 +144,18 @@ class WeightQuantizer(_Quantizer):
 
         ``version`` identifies the weight's content, as in :meth:`qparams`.
         """
-        if self.rounded:
-            rounded = self.rounded_weight(weight, bits)
-            if rounded is not None:
-                return rounded
         version = version or _tensor_version(weight)
         # Inference-mode results must not leak into gradient passes: the mode is part of the key.
         key = ("w", bits, *version, torch.is_inference_mode_enabled())
         frozen = not (torch.is_grad_enabled() and weight.requires_grad)
         cached = self._cache.get(key) if frozen else None
-        if cached is not None:
+        if cached is not None:  # a data-driven rounding too: set_rounded clears the cache, so no stale entry survives
             return cached
-        scale, zero_point = self.qparams(weight, bits, version)
-        qmin, qmax = quant_range(bits, self.symmetric)
-        quantized = fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if self.per_channel else None)
+        quantized = self.rounded_weight(weight, bits) if self.rounded else None
+        if quantized is None:
+            scale, zero_point = self.qparams(weight, bits, version)
+            qmin, qmax = quant_range(bits, self.symmetric)
+            quantized = fake_quantize(weight, scale, zero_point, qmin, qmax, 0 if self.per_channel else None)
         if frozen:
             kept = {k: v for k, v in self._cache.items() if k[0] != "w" or k[1] != bits}
             kept[key] = quantized

@@ -6,11 +6,13 @@ evenly spaced images of ``imagenet_val_1300`` (the first N would be a few classe
 before 2026-12-03 were on the first 500): every tensor at W8A8 or W6A6, one kind of tensor at a time at 6 bits (the
 inputs of qkv, proj, fc1, fc2; the operands of q·kᵀ and softmax·V), and the fc2 inputs with other observers (the same
 histogram, read as min/max or percentile 99.99). The patch embedding and the head stay at W8A8, as the configs pin them.
-``--study w8a8`` asks the same of W8A8 instead: the recipe against MSE, min/max or percentile ranges everywhere, weights
-or activations alone at 8 bits, and one kind of tensor at a time at 8 bits with everything else in FP32 (the patch
+``--study a4`` finds where 4-bit activations cost (weights FP32 but the pinned layers'; one kind at 4 bits alone, 4
+bits everywhere but one kind at 8, each matmul operand alone, the fc2 inputs' other range readings). ``--study w8a8``
+asks the same of W8A8 instead: the recipe against MSE, min/max or percentile ranges everywhere, weights or activations
+alone at 8 bits, and one kind of tensor at a time at 8 bits with everything else in FP32 (the patch
 embedding and head included). One row per variant: top-1 and the evaluation time::
 
-    python benchmarks/vit_tensor_study.py [--model deit|vit] [--images 500] [--study w6a6|w8a8]
+    python benchmarks/vit_tensor_study.py [--model deit|vit] [--images 500] [--study w6a6|w8a8|a4] [--only REGEX]
 
 Results: docs/vit.md ("Which tensors cost W6A6").
 """
@@ -18,6 +20,7 @@ Results: docs/vit.md ("Which tensors cost W6A6").
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -73,8 +76,30 @@ W8A8_VARIANTS = [
     *[(f"{kind} operands at 8 bits only", {kind: (8, 8)}, (None, None), RECIPE) for kind in ("q·kᵀ", "softmax·V")],
     ("A8 at patch embedding and head inputs only", {"pinned": (None, 8)}, (None, None), RECIPE),
 ]
-STUDIES = {"w6a6": W6A6_VARIANTS, "w8a8": W8A8_VARIANTS}
-"""``w6a6``: the patch embedding and head stay at W8A8 (the configs pin them); ``w8a8``: they follow each row."""
+MATMUL_KINDS = ("q·kᵀ", "softmax·V")
+A4_VARIANTS = [
+    ("A8, weights FP32", {}, (None, 8), RECIPE),
+    ("A4, weights FP32", {}, (None, 4), RECIPE),
+    *[(f"A4 at the {kind} inputs only", {kind: (None, 4)}, (None, None), RECIPE) for kind in LINEAR_KINDS],
+    *[(f"{kind} operands at 4 bits only", {kind: (4, 4)}, (None, None), RECIPE) for kind in MATMUL_KINDS],
+    *[(f"A4, but the {kind} inputs at 8 bits", {kind: (None, 8)}, (None, 4), RECIPE) for kind in LINEAR_KINDS],
+    *[(f"A4, but the {kind} operands at 8 bits", {kind: (8, 8)}, (None, 4), RECIPE) for kind in MATMUL_KINDS],
+    *[
+        (f"A4 at the fc2 inputs only, {read_as} ranges", {"fc2": (None, 4)}, (None, None), {"fc2": read_as})
+        for read_as in ("mse", "minmax")
+    ],
+    *[
+        (f"A4 at the {side} operand of softmax·V only", {"softmax·V": bits}, (None, None), RECIPE)
+        for side, bits in (("left (softmax)", (None, 4)), ("right (v)", (4, None)))
+    ],
+    *[
+        (f"A4 at the {side} operand of q·kᵀ only", {"q·kᵀ": bits}, (None, None), RECIPE)
+        for side, bits in (("left (q)", (None, 4)), ("right (k)", (4, None)))
+    ],
+]
+STUDIES = {"w6a6": W6A6_VARIANTS, "w8a8": W8A8_VARIANTS, "a4": A4_VARIANTS}
+"""``w6a6`` and ``a4``: the patch embedding and head stay at W8A8 (the configs pin them); ``w8a8``: they follow each
+row."""
 
 
 def tensor_kind(name: str, is_matmul: bool) -> str:
@@ -92,6 +117,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="deit")
     parser.add_argument("--images", type=int, default=500, help="N evenly spaced validation images")
     parser.add_argument("--study", choices=sorted(STUDIES), default="w6a6", help="which set of variants")
+    parser.add_argument("--only", default="", help="run only the variants whose label matches this regex")
     args = parser.parse_args()
     backbone, weights = MODELS[args.model]
     model = timm.create_model(backbone, pretrained=False)
@@ -124,7 +150,9 @@ def main() -> None:
     kinds = {name: tensor_kind(name, plan.specs[name].kind == "matmul") for name in plan.layers}
     float_tensors = []
     for label, bits_of_kind, default, observer_of_kind in STUDIES[args.study]:
-        pinned = (8, 8) if args.study == "w6a6" else default
+        if not re.search(args.only, label):
+            continue
+        pinned = default if args.study == "w8a8" else (8, 8)
         float_tensors.clear()
         for name, layer in plan.layers.items():
             observer = getattr(getattr(modules[name], "input_quantizer", None), "observer", None)

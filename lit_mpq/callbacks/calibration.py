@@ -61,12 +61,15 @@ class Calibration(Callback):
             (RepQ-ViT).
         softmax_uniform_from_bits: With logarithmic softmax levels, the width from which the uniform grid is used
             instead (null: logarithmic at every width; recorded in the card).
+        softmax_underflow: With logarithmic softmax levels, the zero code's value: ``"zero"``, or ``"mean"`` (the
+            mean of the calibration probabilities under the smallest level, snapped to the grid; recorded in the card).
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"``, or ``"reparam"`` (per-channel
             ranges folded into the LayerNorm affine and the Linear, as in RepQ-ViT: per tensor at inference).
         act_observer_overrides: ``{pattern: observer}``: layers whose name matches ``pattern`` (``re.fullmatch``,
             in the order given) observe their input with ``observer`` instead of ``act_observer``, e.g.
             ``{".*mlp.fc2": percentile}`` for a ViT's post-GELU activations; ``ptf`` instead of an observer gives a
-            Linear input FQ-ViT's power-of-two channel factors (:mod:`lit_mpq.quant.power_of_two`).
+            Linear input FQ-ViT's power-of-two channel factors (:mod:`lit_mpq.quant.power_of_two`), ``twin_uniform``
+            PTQ4ViT's separate grids for negative and positive values (:mod:`lit_mpq.quant.twin_uniform`).
         ptf_max_shift: ``K`` of the ``ptf`` inputs: channel factors ``2^0 .. 2^K`` (recorded in the card).
 
     Raises:
@@ -85,6 +88,7 @@ class Calibration(Callback):
         attention: bool = True,
         softmax_quantizer: str = "uniform",
         softmax_uniform_from_bits: int | None = None,
+        softmax_underflow: str = "zero",
         post_layernorm: str = "per_tensor",
         act_observer_overrides: dict[str, str] | None = None,
         ptf_max_shift: int = 3,
@@ -102,6 +106,7 @@ class Calibration(Callback):
             attention=attention,
             softmax_quantizer=softmax_quantizer,
             softmax_uniform_from_bits=softmax_uniform_from_bits,
+            softmax_underflow=softmax_underflow,
             post_layernorm=post_layernorm,
             act_observer_overrides=tuple((act_observer_overrides or {}).items()),
             ptf_max_shift=ptf_max_shift,

@@ -38,7 +38,7 @@ from lit_mpq.quant.modules import (
     unsupported_reason,
 )
 from lit_mpq.quant.observers import OBSERVERS, build_observer
-from lit_mpq.quant.softmax import SOFTMAX_QUANTIZERS, build_softmax_quantizer
+from lit_mpq.quant.softmax import SOFTMAX_QUANTIZERS, UNDERFLOW_VALUES, build_softmax_quantizer
 from lit_mpq.quant.weights import GRANULARITIES, WEIGHT_METHODS
 
 
@@ -61,6 +61,10 @@ class QuantSettings:
         softmax_uniform_from_bits: With logarithmic softmax levels: the width from which the softmax output uses the
             uniform grid instead (its error shrinks with bits, the logarithmic one has a floor; 6 suits DeiT-Tiny).
             None: logarithmic at every width.
+        softmax_underflow: With logarithmic softmax levels: what the zero code stands for, ``"zero"`` (FQ-ViT,
+            RepQ-ViT) or ``"mean"``: the mean of the calibration probabilities under the smallest level, snapped to
+            the logarithmic grid (at 4 bits a DeiT-Tiny row loses the mass of its many small probabilities without
+            it; :mod:`lit_mpq.quant.softmax`).
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"`` like every other input, or
             ``"reparam"``: per-channel ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
             :mod:`lit_mpq.quant.layernorm`), per tensor at inference. Applied by :func:`apply_post_layernorm`,
@@ -71,7 +75,9 @@ class QuantSettings:
             inputs of a ViT's ``mlp.fc2``, whose rare large values an MSE range clips at the network's expense.
             Besides the observers, ``"ptf"`` gives a Linear layer's input FQ-ViT's power-of-two factors: one base
             scale, each channel's step that scale times ``2^0..2^3``, nothing clipped (a few huge channels, as in
-            ViT-Tiny's post-GELU activations; :mod:`lit_mpq.quant.power_of_two`).
+            ViT-Tiny's post-GELU activations; :mod:`lit_mpq.quant.power_of_two`), and ``"twin_uniform"`` gives an input
+            PTQ4ViT's separate grids for its negative and positive values (post-GELU inputs, whose short negative
+            side a single 4-bit grid rounds away; :mod:`lit_mpq.quant.twin_uniform`).
         ptf_max_shift: ``K`` of the ``"ptf"`` overrides: channel factors ``2^0 .. 2^K`` (FQ-ViT uses 3; one channel
             of ViT-Tiny's block-7 fc2 input spans 69 times the median channel, which wants 6).
     """
@@ -86,6 +92,7 @@ class QuantSettings:
     attention: bool = True
     softmax_quantizer: str = "uniform"
     softmax_uniform_from_bits: int | None = None
+    softmax_underflow: str = "zero"
     post_layernorm: str = "per_tensor"
     act_observer_overrides: tuple[tuple[str, str], ...] = ()
     ptf_max_shift: int = 3
@@ -111,6 +118,10 @@ class QuantSettings:
                 "'log2' or 'log_sqrt2', or leave softmax_uniform_from_bits null"
             )
 
+        if self.softmax_underflow not in UNDERFLOW_VALUES:
+            raise ValueError(
+                f"softmax_underflow {self.softmax_underflow!r} is not known; choose one of {list(UNDERFLOW_VALUES)}"
+            )
         if self.post_layernorm not in POST_LAYERNORM:
             raise ValueError(
                 f"post_layernorm {self.post_layernorm!r} is not known; choose one of {list(POST_LAYERNORM)}"
@@ -147,13 +158,21 @@ class QuantSettings:
 POWER_OF_TWO = "ptf"
 """The ``act_observer_overrides`` name of FQ-ViT's power-of-two-factor quantizer (:mod:`lit_mpq.quant.power_of_two`)."""
 
-OVERRIDE_RANGES = (*OBSERVERS, POWER_OF_TWO)
-"""What ``act_observer_overrides`` may name: an observer, or ``"ptf"`` (power-of-two factors, Linear inputs)."""
+TWIN_UNIFORM = "twin_uniform"
+"""The ``act_observer_overrides`` name of PTQ4ViT's twin-uniform quantizer (:mod:`lit_mpq.quant.twin_uniform`)."""
+
+OVERRIDE_RANGES = (*OBSERVERS, POWER_OF_TWO, TWIN_UNIFORM)
+"""What ``act_observer_overrides`` may name: an observer, ``"ptf"`` (power-of-two factors, Linear inputs) or
+``"twin_uniform"`` (separate grids for the negative and positive values, post-GELU inputs)."""
 
 
 def _input_quantizer(name: str, module: nn.Module, settings: QuantSettings) -> ActivationQuantizer:
     """The input quantizer of layer ``name``: its observer per tensor, or power-of-two factors per channel."""
     observer = settings.observer_for(name)
+    if observer == TWIN_UNIFORM:
+        from lit_mpq.quant.twin_uniform import TwinUniformQuantizer
+
+        return TwinUniformQuantizer()
     if observer != POWER_OF_TWO:
         return ActivationQuantizer(build_observer(observer, settings.act_symmetric, settings.percentile))
     if not isinstance(module, nn.Linear):
@@ -267,7 +286,9 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
             twin = quantize_attention(
                 module,
                 settings.activation_quantizer,
-                lambda: build_softmax_quantizer(settings.softmax_quantizer, settings.softmax_uniform_from_bits),
+                lambda: build_softmax_quantizer(
+                    settings.softmax_quantizer, settings.softmax_uniform_from_bits, settings.softmax_underflow
+                ),
             )
             _replace(model, name, twin)
     return quant_layer_names(model)

@@ -11,6 +11,16 @@ value ``scale · 2^(-k / r)`` (``r = 1`` for log2, ``r = 2`` for log√2) and th
 value too small for the smallest exponent. Exponents are rounded in the log domain (``k = round(-r · log2(x /
 scale))``), as both papers do.
 
+**The zero code's value.** At 4 bits log√2 levels end at ``scale · 2^-7``: a DeiT-Tiny attention row spreads over 197
+keys, so most probabilities are below that and all of them become 0; each row then loses the mass of its many small
+probabilities, and the softmax·V output shrinks. That costs DeiT-Tiny 4.2 points at 4 bits with everything else in
+float, and giving the zero code the mean of the calibration values it stands for (the Lloyd-Max value of that bin)
+recovers all but 0.5 of them (``docs/vit.md``). ``underflow="mean"`` does that, with the mean snapped to the
+nearest level of the same logarithmic grid (an exponent past the last one), so the code stays a shift in the
+``softmax · V`` datapath; ``underflow="zero"`` (the papers' choice) keeps the exact zero. The mean comes from a
+log-binned histogram of the observed values (:class:`SoftmaxObserver`, eight bins per octave), so it is known for any
+bit width and range factor after one calibration pass.
+
 Logarithmic levels have a relative error floor (up to 19 % between log√2 levels) that more bits do not lower, while a
 uniform grid's error shrinks by 4x per added bit: on DeiT-Tiny, log√2 keeps W4A4 alive (8.6 points over uniform) but
 costs 0.1-0.3 points at 6 and 8 bits (``docs/vit.md``). ``uniform_from_bits`` takes the better of both: the uniform
@@ -27,6 +37,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -36,18 +48,26 @@ from lit_mpq.quant.observers import MinMaxObserver
 SOFTMAX_QUANTIZERS = {"uniform": None, "log2": 1, "log_sqrt2": 2}
 """Post-softmax quantizer names accepted in configs -> exponent steps per octave (``None``: the uniform grid)."""
 
+UNDERFLOW_VALUES = ("zero", "mean")
+"""What a logarithmic code's zero code dequantizes to: exact zero, or the mean of the values it stands for."""
 
-def log_quantize_dequantize(x: Tensor, scale: Tensor, bits: int, steps_per_octave: int = 1) -> Tensor:
-    """Round ``x >= 0`` to the nearest level ``scale · 2^(-k / steps_per_octave)``, ``k = 0 .. 2^bits - 2``, or to 0.
 
+def log_quantize_dequantize(
+    x: Tensor, scale: Tensor, bits: int, steps_per_octave: int = 1, underflow_value: Tensor | float = 0.0
+) -> Tensor:
+    """Round ``x >= 0`` to the nearest level ``scale · 2^(-k / steps_per_octave)`` or to the zero code.
+
+    The levels are ``k = 0 .. 2^bits - 2``.
     Values above ``scale`` clip to ``scale``; values below ``scale · 2^(-(2^bits - 1.5) / steps_per_octave)`` (the
-    log-domain midpoint under the smallest level) and non-positive values become 0.
+    log-domain midpoint under the smallest level) and non-positive values take the zero code, whose value is
+    ``underflow_value`` (0 by default).
 
     Args:
         x: Non-negative input (softmax output).
         scale: Largest level (a scalar tensor; the observed maximum, 1 for probabilities).
         bits: Code width, at least 2.
         steps_per_octave: 1 for log2 levels, 2 for log√2 levels.
+        underflow_value: The zero code's value.
     """
     if bits < 2:
         raise ValueError(f"bits must be at least 2, got {bits}")
@@ -57,7 +77,55 @@ def log_quantize_dequantize(x: Tensor, scale: Tensor, bits: int, steps_per_octav
         ratio = (x / scale).clamp_min(0)
         exponent = torch.round(-torch.log2(ratio) * steps_per_octave).clamp_min(0)  # log2(0) = -inf: exponent inf
         value = scale * torch.exp2(-exponent / steps_per_octave)
-        return torch.where(exponent >= zero_code, torch.zeros_like(value), value)
+        underflow = torch.as_tensor(underflow_value, dtype=value.dtype, device=value.device)
+        return torch.where(exponent >= zero_code, underflow.expand_as(value), value)
+
+
+class SoftmaxObserver(MinMaxObserver):
+    """Min/max plus a log-binned histogram (count and sum per bin) of the positive values.
+
+    Bin ``i`` holds ``x`` with ``floor(-log2(x) · BINS_PER_OCTAVE) = i`` (values above 1 in bin 0, below
+    ``2^-MAX_OCTAVES`` in the last bin); exact zeros and negative values count in ``zero_count``. The mean of the
+    values under a threshold is then read to a bin (1/8 octave) without keeping the data.
+    """
+
+    BINS_PER_OCTAVE = 8
+    MAX_OCTAVES = 48
+    REDUCTIONS = {**MinMaxObserver.REDUCTIONS, "bin_counts": "sum", "bin_sums": "sum", "zero_count": "sum"}
+
+    def __init__(self) -> None:
+        super().__init__(symmetric=False)
+        bins = self.BINS_PER_OCTAVE * self.MAX_OCTAVES
+        self.register_buffer("bin_counts", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("bin_sums", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("zero_count", torch.zeros((), dtype=torch.float64))
+
+    def reset(self) -> None:
+        """Forget all statistics."""
+        super().reset()
+        self.bin_counts.zero_()
+        self.bin_sums.zero_()
+        self.zero_count.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Record min, max and the log-binned histogram of ``x``; return ``x``."""
+        super().forward(x)
+        values = x.detach().reshape(-1).double()
+        positive = values[values > 0]
+        self.zero_count += values.numel() - positive.numel()
+        index = torch.floor(-torch.log2(positive) * self.BINS_PER_OCTAVE).clamp(0, len(self.bin_counts) - 1).long()
+        self.bin_counts.index_add_(0, index, torch.ones_like(positive))
+        self.bin_sums.index_add_(0, index, positive)
+        return x
+
+    def mean_below(self, threshold: float) -> float:
+        """Mean of the observed values under ``threshold`` (zeros included), to the bin containing it; 0 if none."""
+        if threshold <= 0:
+            return 0.0
+        # bin i holds (2^(-(i+1)/B), 2^(-i/B)]: it lies under the threshold from i = ceil(-B log2(threshold)) on
+        first = min(max(math.ceil(-math.log2(threshold) * self.BINS_PER_OCTAVE), 0), len(self.bin_counts))
+        count = float(self.bin_counts[first:].sum() + self.zero_count)
+        return float(self.bin_sums[first:].sum()) / count if count > 0 else 0.0
 
 
 class LogQuantizer(ActivationQuantizer):
@@ -72,14 +140,25 @@ class LogQuantizer(ActivationQuantizer):
         bits: Initial bit width (None = FP32).
         uniform_from_bits: From this width up, use the uniform grid over the observed range instead of logarithmic
             levels (None: logarithmic at every width).
+        underflow: The zero code's value at logarithmic widths: ``"zero"``, or ``"mean"`` (the mean of the
+            calibration values under the smallest level, snapped to the logarithmic grid; module docstring).
     """
 
-    def __init__(self, steps_per_octave: int = 1, bits: int | None = 8, uniform_from_bits: int | None = None) -> None:
-        super().__init__(MinMaxObserver(symmetric=False), bits)
+    def __init__(
+        self,
+        steps_per_octave: int = 1,
+        bits: int | None = 8,
+        uniform_from_bits: int | None = None,
+        underflow: str = "zero",
+    ) -> None:
+        super().__init__(SoftmaxObserver(), bits)
         if steps_per_octave not in (1, 2):
             raise ValueError(f"steps_per_octave must be 1 (log2) or 2 (log√2), got {steps_per_octave}")
+        if underflow not in UNDERFLOW_VALUES:
+            raise ValueError(f"underflow must be one of {list(UNDERFLOW_VALUES)}, got {underflow!r}")
         self.steps_per_octave = steps_per_octave
         self.uniform_from_bits = uniform_from_bits
+        self.underflow = underflow
 
     def is_uniform(self, bits: int) -> bool:
         """Whether ``bits`` uses the uniform grid (``bits >= uniform_from_bits``) rather than logarithmic levels."""
@@ -101,21 +180,37 @@ class LogQuantizer(ActivationQuantizer):
             self._cache[bits] = (scale, torch.zeros((), dtype=torch.int64, device=scale.device))
         return self._cache[bits]
 
+    def underflow_value(self, bits: int) -> Tensor:
+        """The zero code's value at logarithmic width ``bits``: 0, or the snapped mean of what it stands for."""
+        scale, _ = self.qparams(bits)
+        if self.underflow == "zero":
+            return torch.zeros((), dtype=scale.dtype, device=scale.device)
+        r = self.steps_per_octave
+        zero_code = 2**bits - 1
+        threshold = float(scale) * 2.0 ** (-(zero_code - 0.5) / r)  # the log-domain midpoint under the last level
+        mean = self.observer.mean_below(threshold)
+        if mean <= 0:
+            return torch.zeros((), dtype=scale.dtype, device=scale.device)
+        exponent = max(round(-r * math.log2(mean / float(scale))), zero_code)  # a level past the last one
+        return scale * 2.0 ** (-exponent / r)
+
     def quantize(self, x: Tensor, bits: int) -> Tensor:
         """Fake-quantize ``x`` at ``bits`` regardless of the mode (straight-through gradient at logarithmic widths)."""
         if self.is_uniform(bits):
             return super().quantize(x, bits)
         scale, _ = self.qparams(bits)
-        quantized = log_quantize_dequantize(x, scale, bits, self.steps_per_octave)
+        quantized = log_quantize_dequantize(x, scale, bits, self.steps_per_octave, self.underflow_value(bits))
         return x + (quantized - x).detach() if x.requires_grad else quantized
 
     def extra_repr(self) -> str:  # noqa: D102
         levels = "log2" if self.steps_per_octave == 1 else "log_sqrt2"
         uniform = "" if self.uniform_from_bits is None else f", uniform_from_bits={self.uniform_from_bits}"
-        return f"{super().extra_repr()}, levels={levels}{uniform}"
+        return f"{super().extra_repr()}, levels={levels}{uniform}, underflow={self.underflow}"
 
 
-def build_softmax_quantizer(name: str, uniform_from_bits: int | None = None) -> ActivationQuantizer:
+def build_softmax_quantizer(
+    name: str, uniform_from_bits: int | None = None, underflow: str = "zero"
+) -> ActivationQuantizer:
     """The quantizer of an attention's softmax output by config name (see :data:`SOFTMAX_QUANTIZERS`).
 
     The uniform grid spans ``[0, observed maximum]`` whatever the run's activation observer: a percentile or MSE range
@@ -126,6 +221,7 @@ def build_softmax_quantizer(name: str, uniform_from_bits: int | None = None) -> 
         name: ``"uniform"``, ``"log2"`` or ``"log_sqrt2"``.
         uniform_from_bits: With a logarithmic ``name``: the width from which the uniform grid is used instead (None:
             logarithmic at every width). Ignored by ``"uniform"``.
+        underflow: With a logarithmic ``name``: the zero code's value, ``"zero"`` or ``"mean"``.
 
     Raises:
         ValueError: On an unknown name.
@@ -135,4 +231,4 @@ def build_softmax_quantizer(name: str, uniform_from_bits: int | None = None) -> 
     steps = SOFTMAX_QUANTIZERS[name]
     if steps is None:
         return ActivationQuantizer(MinMaxObserver(symmetric=False))
-    return LogQuantizer(steps, uniform_from_bits=uniform_from_bits)
+    return LogQuantizer(steps, uniform_from_bits=uniform_from_bits, underflow=underflow)

@@ -144,6 +144,7 @@ def build_card(
     attention: bool = False,
     softmax_quantizer: str = "uniform",
     softmax_uniform_from_bits: int | None = None,
+    softmax_underflow: str = "zero",
     post_layernorm: str = "per_tensor",
     ranking_refinement: Mapping[str, Any] | None = None,
     act_observer_overrides: Mapping[str, str] | None = None,
@@ -177,6 +178,8 @@ def build_card(
         softmax_quantizer: Levels of the softmax output (``"uniform"``, ``"log2"``, ``"log_sqrt2"``).
         softmax_uniform_from_bits: The width from which logarithmic softmax levels give way to the uniform grid
             (``None``: none; recorded only with logarithmic levels).
+        softmax_underflow: What the zero code of logarithmic softmax levels stands for (``"zero"`` or ``"mean"``;
+            recorded only with logarithmic levels).
         post_layernorm: Treatment of LayerNorm outputs feeding a Linear (``"per_tensor"`` or ``"reparam"``).
         ranking_refinement: Settings of the ranking-aware refinement of the attention ranges, or ``None`` when it
             did not run.
@@ -218,6 +221,7 @@ def build_card(
                 if attention and softmax_quantizer != "uniform" and softmax_uniform_from_bits is not None
                 else None
             ),
+            "softmax_underflow": softmax_underflow if attention and softmax_quantizer != "uniform" else None,
             "post_layernorm": post_layernorm,
             "ranking_refinement": dict(ranking_refinement) if ranking_refinement else None,
         },

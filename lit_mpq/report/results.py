@@ -116,6 +116,7 @@ def run_card(
         attention=bool(settings.get("attention", False)),
         softmax_quantizer=settings.get("softmax_quantizer", "uniform"),
         softmax_uniform_from_bits=settings.get("softmax_uniform_from_bits"),
+        softmax_underflow=settings.get("softmax_underflow", "zero"),
         post_layernorm=settings.get("post_layernorm", "per_tensor"),
         ranking_refinement=record.refinement.get("settings") if record.refinement else None,
         act_observer_overrides=dict(settings.get("act_observer_overrides") or ()),

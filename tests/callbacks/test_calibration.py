@@ -147,6 +147,7 @@ def test_the_record_and_the_logged_count_give_the_calibration_set_size(calibrate
         "attention": True,
         "softmax_quantizer": "uniform",
         "softmax_uniform_from_bits": None,
+        "softmax_underflow": "zero",
         "post_layernorm": "per_tensor",
         "act_observer_overrides": (),
         "ptf_max_shift": 3,

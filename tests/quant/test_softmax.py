@@ -143,3 +143,68 @@ def test_uniform_from_bits_is_validated_and_recorded_in_the_card():
     quantize_model(model, QuantSettings(softmax_quantizer="log2", softmax_uniform_from_bits=6))
     probs = model.blocks[0].attn.matmul_av.input_quantizer
     assert probs.is_uniform(6) and probs.is_uniform(8) and not probs.is_uniform(5)
+
+
+def calibrated_log_quantizer(x: torch.Tensor, steps: int = 2, underflow: str = "mean") -> LogQuantizer:
+    quantizer = LogQuantizer(steps, bits=4, underflow=underflow)
+    quantizer.set_mode("observe")
+    quantizer(x)
+    quantizer.set_mode("quant")
+    return quantizer
+
+
+def test_softmax_observer_mean_below_a_bin_edge_equals_the_brute_force_mean():
+    x = softmax_like(2.0, seed=3)
+    x[0, :5] = 0.0  # exact zeros count as values under any threshold
+    quantizer = calibrated_log_quantizer(x)
+    for k in (5, 7, 9.5, 12):
+        threshold = 2.0**-k  # a bin edge (8 bins per octave): the binned mean is exact there
+        brute = x[x < threshold].double().mean().item()
+        assert quantizer.observer.mean_below(threshold) == pytest.approx(brute, rel=1e-9)
+    assert quantizer.observer.mean_below(0.0) == 0.0
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_zero_code_takes_the_snapped_mean_of_the_values_it_stands_for(steps):
+    x = softmax_like(1.5, seed=4)
+    quantizer = calibrated_log_quantizer(x, steps)
+    scale = float(x.max())
+    zero_code = 2**4 - 1
+    threshold = scale * 2.0 ** (-(zero_code - 0.5) / steps)
+    brute_mean = x[x < threshold].double().mean().item()
+    exponent = max(round(-steps * math.log2(brute_mean / scale)), zero_code)
+    expected = scale * 2.0 ** (-exponent / steps)
+    value = float(quantizer.underflow_value(4))
+    assert value == pytest.approx(expected, rel=1e-6)
+    assert 0 < value < scale * 2.0 ** (-(zero_code - 1) / steps)  # below the smallest level: still its own code
+    quantized = quantizer(x)
+    assert bool((quantized[x < threshold] == value).all())
+    assert len(quantized.unique()) <= 2**4
+    zero = calibrated_log_quantizer(x, steps, underflow="zero")
+    assert float(zero.underflow_value(4)) == 0.0 and bool((zero(x)[x < threshold] == 0).all())
+
+
+def test_mean_underflow_gives_back_on_average_the_probability_mass_that_zero_drops():
+    # 197-key rows whose mass is spread, next to peaked rows that set the scale near 1 (DeiT-Tiny's attention at 4
+    # bits): most of a spread row's probabilities fall under the smallest log√2 level and the zero code drops them
+    calibration = torch.cat([softmax_like(8.0, seed=5), softmax_like(1.0, seed=6)])
+    rows = torch.cat([softmax_like(8.0, seed=7), softmax_like(1.0, seed=8)])  # the same mixture, other draws
+    # the zero code's value is the mean of what it stands for, so the mass it drops is given back on average
+    mean_bias = (calibrated_log_quantizer(calibration)(rows).sum(-1) - 1).mean()
+    zero_bias = (calibrated_log_quantizer(calibration, underflow="zero")(rows).sum(-1) - 1).mean()
+    assert float(zero_bias) < -0.1 and abs(float(mean_bias)) < abs(float(zero_bias)) / 4
+
+
+def test_softmax_underflow_is_validated_synced_and_recorded():
+    with pytest.raises(ValueError, match="softmax_underflow"):
+        QuantSettings(softmax_quantizer="log2", softmax_underflow="median")
+    with pytest.raises(ValueError, match="underflow must be one of"):
+        LogQuantizer(2, underflow="max")
+    quantizer = calibrated_log_quantizer(softmax_like(1.0, seed=7))
+    before = quantizer.observer.mean_below(2.0**-8)
+    counts = quantizer.observer.bin_counts.clone()
+    from lit_mpq.quant.observers import sync_observers
+
+    sync_observers(quantizer, lambda t, op: t * 2 if op == "sum" else t)  # two ranks holding the same data
+    assert torch.equal(quantizer.observer.bin_counts, counts * 2)
+    assert quantizer.observer.mean_below(2.0**-8) == pytest.approx(before, rel=1e-12)

@@ -232,7 +232,7 @@ def prepare_vit(backbone: str, args: argparse.Namespace) -> tuple[nn.Module, lis
     quantize_model(model, VIT_RECIPE)
     example = torch.zeros(1, 3, 224, 224)
     measure_model(model, example)
-    apply_post_layernorm(model, example)
+    apply_post_layernorm(model, example, "mse" if VIT_RECIPE.post_layernorm == "reparam_mse" else "minmax")
     calib = [x for x, *_ in data.calib_dataloader()]
     start = time.perf_counter()
     calibrate(model, calib)

@@ -127,7 +127,7 @@ def main() -> None:
     quantize_model(model, VIT_RECIPE)
     example = torch.zeros(1, 3, 224, 224)
     plan = measure_model(model, example)
-    apply_post_layernorm(model, example)
+    apply_post_layernorm(model, example, "mse" if VIT_RECIPE.post_layernorm == "reparam_mse" else "minmax")
     set_mode(model, weights="off", activations="observe")
     with torch.inference_mode():
         for x, *_ in data.calib_dataloader():

@@ -64,7 +64,8 @@ class Calibration(Callback):
         softmax_underflow: With logarithmic softmax levels, the zero code's value: ``"zero"``, or ``"mean"`` (the
             mean of the calibration probabilities under the smallest level, snapped to the grid; recorded in the card).
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"``, or ``"reparam"`` (per-channel
-            ranges folded into the LayerNorm affine and the Linear, as in RepQ-ViT: per tensor at inference).
+            min/max ranges folded into the LayerNorm affine and the Linear, as in RepQ-ViT: per tensor at inference),
+            or ``"reparam_mse"`` (the same with each channel's range searched for the smallest squared error).
         act_observer_overrides: ``{pattern: observer}``: layers whose name matches ``pattern`` (``re.fullmatch``,
             in the order given) observe their input with ``observer`` instead of ``act_observer``, e.g.
             ``{".*mlp.fc2": percentile}`` for a ViT's post-GELU activations; ``ptf`` instead of an observer gives a
@@ -124,8 +125,9 @@ class Calibration(Callback):
         device = next(pl_module.parameters()).device
         example = torch.zeros(1, *size, device=device)
         pl_module.plan = measure_model(pl_module.model, example)
-        if self.settings.post_layernorm == "reparam":
-            apply_post_layernorm(pl_module.model, example)
+        if self.settings.post_layernorm in ("reparam", "reparam_mse"):
+            ranges = "mse" if self.settings.post_layernorm == "reparam_mse" else "minmax"
+            apply_post_layernorm(pl_module.model, example, ranges)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -66,9 +66,10 @@ class QuantSettings:
             the logarithmic grid (at 4 bits a DeiT-Tiny row loses the mass of its many small probabilities without
             it; :mod:`lit_mpq.quant.softmax`).
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"`` like every other input, or
-            ``"reparam"``: per-channel ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
-            :mod:`lit_mpq.quant.layernorm`), per tensor at inference. Applied by :func:`apply_post_layernorm`,
-            which needs a forward pass.
+            ``"reparam"``: per-channel min/max ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
+            :mod:`lit_mpq.quant.layernorm`), per tensor at inference, or ``"reparam_mse"``: the same with each
+            channel's range searched for the smallest squared error at the bit width (what 4 bits want). Applied by
+            :func:`apply_post_layernorm`, which needs a forward pass.
         act_observer_overrides: ``(pattern, observer)`` pairs: the input of a Conv2d/Linear layer whose fully
             qualified name matches ``pattern`` (``re.fullmatch``; the first matching pair wins) gets ``observer``
             instead of ``act_observer``. For a tensor whose best range differs from the rest, e.g. the post-GELU
@@ -185,7 +186,7 @@ def _input_quantizer(name: str, module: nn.Module, settings: QuantSettings) -> A
     return PowerOfTwoFactorQuantizer(module.in_features, max_shift=settings.ptf_max_shift)
 
 
-POST_LAYERNORM = ("per_tensor", "reparam")
+POST_LAYERNORM = ("per_tensor", "reparam", "reparam_mse")
 """Treatments of post-LayerNorm activations accepted in configs."""
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -344,17 +345,29 @@ def post_layernorm_layers(model: nn.Module, example_input: Tensor) -> dict[str, 
     return {linear: norm for linear, norm in found.items() if norm is not None}
 
 
-def apply_post_layernorm(model: nn.Module, example_input: Tensor) -> list[str]:
+def apply_post_layernorm(model: nn.Module, example_input: Tensor, ranges: str = "minmax") -> list[str]:
     """Give every Linear fed by a LayerNorm a per-channel input quantizer to fold (RepQ-ViT); returns their names.
 
     The new quantizers have no statistics: call this before calibration. See :mod:`lit_mpq.quant.layernorm`.
-    """
-    from lit_mpq.quant.layernorm import ChannelwiseActivationQuantizer, ChannelwiseMinMaxObserver
 
+    Args:
+        model: Model prepared by :func:`quantize_model`.
+        example_input: One input batch, to find which Linear layers a LayerNorm feeds.
+        ranges: Each channel's range: ``"minmax"`` (``post_layernorm: reparam``) or ``"mse"`` (``reparam_mse``).
+    """
+    from lit_mpq.quant.layernorm import (
+        ChannelwiseActivationQuantizer,
+        ChannelwiseMinMaxObserver,
+        ChannelwiseMSEObserver,
+    )
+
+    observers = {"minmax": ChannelwiseMinMaxObserver, "mse": ChannelwiseMSEObserver}
+    if ranges not in observers:
+        raise ValueError(f"ranges must be one of {list(observers)}, got {ranges!r}")
     names = list(post_layernorm_layers(model, example_input))
     for name in names:
         layer = model.get_submodule(name)
-        observer = ChannelwiseMinMaxObserver(layer.in_features, symmetric=layer.input_quantizer.symmetric)
+        observer = observers[ranges](layer.in_features, symmetric=layer.input_quantizer.symmetric)
         layer.input_quantizer = ChannelwiseActivationQuantizer(observer, layer.input_quantizer.bits).to(
             layer.weight.device
         )

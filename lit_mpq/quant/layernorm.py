@@ -46,11 +46,12 @@ from torch import Tensor, nn
 
 from lit_mpq.quant.functional import fake_quantize, quant_range
 from lit_mpq.quant.modules import ActivationQuantizer
-from lit_mpq.quant.observers import Observer
+from lit_mpq.quant.observers import MSEObserver, Observer
 
 __all__ = [
     "ChannelwiseActivationQuantizer",
     "ChannelwiseMinMaxObserver",
+    "ChannelwiseMSEObserver",
     "Reparameterization",
     "WeightQuantizeFn",
     "fold_into_layernorm",
@@ -102,6 +103,83 @@ class ChannelwiseMinMaxObserver(Observer):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"num_channels={self.num_channels}, symmetric={self.symmetric}"
+
+
+class ChannelwiseMSEObserver(ChannelwiseMinMaxObserver):
+    """Per-channel histograms and, per bit width, each channel's squared-error-minimising clipping range.
+
+    At 4 bits a channel's min/max range wastes its 16 levels on its few extreme values; RepQ-ViT's reference code
+    searches each channel's range by its quantization error instead. Each channel keeps the sign-split histogram of
+    :class:`~lit_mpq.quant.observers.HistogramObserver` (``bins_per_octave`` bins per octave), and
+    :meth:`clip_range` runs :class:`~lit_mpq.quant.observers.MSEObserver`'s search on every channel's histogram, both
+    ends searched independently. On DeiT-Tiny with float weights and only the ``qkv`` and ``fc1`` inputs at 4 bits
+    this gives 80.5 % against 79.2 % with per-channel min/max ranges (650 images, ``docs/vit.md``).
+
+    Args:
+        num_channels: Size of the last dimension of the observed tensors.
+        symmetric: Derive symmetric parameters.
+        bins_per_octave: Histogram resolution (a power of two; 8 keeps 192 channels' histograms small).
+        num_candidates: Resolution of each channel's range search.
+    """
+
+    REDUCTIONS = {"min_val": "min", "max_val": "max", "hist": "sum"}
+
+    def __init__(
+        self, num_channels: int, symmetric: bool = False, bins_per_octave: int = 8, num_candidates: int = 100
+    ) -> None:
+        super().__init__(num_channels, symmetric)
+        self.bins_per_octave, self.num_candidates = bins_per_octave, num_candidates
+        layout = self._search_observer()  # the histogram layout of one channel (validates bins_per_octave)
+        self._shift, self._codes_per_sign = layout._shift, layout._codes_per_sign
+        self._num_bins, self._first_code = layout.num_bins, layout._first_code
+        self.register_buffer("hist", torch.zeros(num_channels, len(layout.hist), dtype=torch.int64))
+
+    def _search_observer(self) -> MSEObserver:
+        """A one-channel MSE observer, not a submodule (no state of its own to save or synchronise)."""
+        return MSEObserver(self.symmetric, self.num_candidates, self.bins_per_octave)
+
+    def reset(self) -> None:
+        """Forget all statistics."""
+        super().reset()
+        self.hist.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Record the per-channel min, max and histogram of ``x`` (channels last); return ``x``."""
+        super().forward(x)
+        if not x.numel():
+            return x
+        per_sign = self._codes_per_sign
+        values = x.detach().float().reshape(-1, self.num_channels).contiguous()
+        # HistogramObserver's binning (sign, exponent and top mantissa bits in one shift), offset per channel
+        codes = torch.bitwise_right_shift(values.view(torch.int32), self._shift)
+        codes = codes.bitwise_and_(2 * per_sign - 1).long()
+        codes += torch.arange(self.num_channels, device=codes.device) * (2 * per_sign)
+        raw = torch.zeros(self.num_channels * 2 * per_sign, dtype=torch.int64, device=codes.device)
+        raw.index_add_(0, codes.view(-1), torch.ones((), dtype=torch.int64, device=codes.device).expand(codes.numel()))
+        raw = raw.view(self.num_channels, 2, per_sign)
+        n, first = self._num_bins, self._first_code
+        bins = raw[:, :, first : first + n]
+        self.hist[:, n + 1 :].add_(bins[:, 0])
+        self.hist[:, :n].add_(bins[:, 1].flip(-1))
+        self.hist[:, n].add_(raw[:, :, :first].sum(dim=(1, 2)))
+        overflow = raw[:, :, first + n :].sum(dim=2)
+        self.hist[:, -1].add_(overflow[:, 0])
+        self.hist[:, 0].add_(overflow[:, 1])
+        return x
+
+    def clip_range(self, bits: int) -> tuple[Tensor, Tensor]:
+        """Per-channel error-minimising ``(low, high)`` at ``bits``."""
+        search = self._search_observer().to(self.hist.device)
+        lows, highs = torch.empty_like(self.min_val), torch.empty_like(self.max_val)
+        for channel in range(self.num_channels):
+            search.hist.copy_(self.hist[channel])
+            search.min_val.copy_(self.min_val[channel])
+            search.max_val.copy_(self.max_val[channel])
+            lows[channel], highs[channel] = search.clip_range(bits)
+        return lows, highs
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{super().extra_repr()}, mse_ranges"
 
 
 @dataclass(frozen=True, eq=False)

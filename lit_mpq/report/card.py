@@ -180,7 +180,8 @@ def build_card(
             (``None``: none; recorded only with logarithmic levels).
         softmax_underflow: What the zero code of logarithmic softmax levels stands for (``"zero"`` or ``"mean"``;
             recorded only with logarithmic levels).
-        post_layernorm: Treatment of LayerNorm outputs feeding a Linear (``"per_tensor"`` or ``"reparam"``).
+        post_layernorm: Treatment of LayerNorm outputs feeding a Linear (``"per_tensor"``, ``"reparam"`` or
+            ``"reparam_mse"``).
         ranking_refinement: Settings of the ranking-aware refinement of the attention ranges, or ``None`` when it
             did not run.
         act_observer_overrides: ``{pattern: observer}`` for the layers whose input another observer watched.

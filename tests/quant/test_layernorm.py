@@ -15,6 +15,7 @@ from lit_mpq.quant.functional import fake_quantize, quant_range
 from lit_mpq.quant.layernorm import (
     ChannelwiseActivationQuantizer,
     ChannelwiseMinMaxObserver,
+    ChannelwiseMSEObserver,
     Reparameterization,
     fold_into_layernorm,
     fold_into_linear,
@@ -24,7 +25,7 @@ from lit_mpq.quant.layernorm import (
     simulated_linear_params,
 )
 from lit_mpq.quant.modules import MODES
-from lit_mpq.quant.observers import MinMaxObserver, sync_observers
+from lit_mpq.quant.observers import MinMaxObserver, MSEObserver, sync_observers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -354,3 +355,65 @@ def test_folded_per_tensor_beats_plain_per_tensor_minmax(bits, max_ratio):
     plain_error = ((per_tensor - reference) ** 2).mean().item()
     folded_error = ((folded - reference) ** 2).mean().item()
     assert folded_error < max_ratio * plain_error, (folded_error, plain_error)
+
+
+# ------------------------------------------------------------------------------------ per-channel MSE ranges
+def mse_calibrated(norm: nn.LayerNorm, bits: int) -> ChannelwiseActivationQuantizer:
+    quantizer = ChannelwiseActivationQuantizer(ChannelwiseMSEObserver(C), bits=bits)
+    quantizer.set_mode("observe")
+    with torch.no_grad():
+        for seed in range(3):
+            quantizer(norm(tokens(seed)))
+    quantizer.set_mode("quant")
+    return quantizer
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_mse_ranges_are_each_channels_own_mse_observer_range(bits):
+    norm, _ = make_layers(seed=4)
+    quantizer = mse_calibrated(norm, bits)
+    low, high = quantizer.observer.clip_range(bits)
+    with torch.no_grad():
+        data = torch.cat([norm(tokens(seed)).reshape(-1, C) for seed in range(3)])
+    for channel in (0, 3, 17, 40, C - 1):  # the reference: a per-tensor MSE observer fed that channel alone
+        reference = MSEObserver(symmetric=False, num_candidates=100, bins_per_octave=8)
+        reference(data[:, channel])
+        expected_low, expected_high = reference.clip_range(bits)
+        assert float(low[channel]) == float(expected_low) and float(high[channel]) == float(expected_high)
+    minmax_low, minmax_high = data.min(0).values, data.max(0).values
+    assert bool((low >= minmax_low).all() and (high <= minmax_high).all())
+    if bits <= 4:  # at 4 bits the search clips most channels' tails, and the error drops below min/max ranges
+        assert float((high < minmax_high).float().mean()) > 0.5
+        x = norm(tokens(7)).detach()
+        mse_error = (quantizer(x) - x).pow(2).mean()
+        minmax_error = (calibrated(norm, bits)(x) - x).pow(2).mean()
+        assert float(mse_error) < 0.8 * float(minmax_error)
+
+
+def test_mse_ranges_fold_into_the_layernorm_like_min_max_ones():
+    norm, linear = make_layers(seed=5)
+    quantizer = mse_calibrated(norm, 4)
+    rep = quantizer.reparameterization()
+    folded_norm, folded_linear = fold_layernorm(norm, linear, rep)
+    qmin, qmax = quant_range(4, False)
+    x = tokens(21, spread=1.5)
+    with torch.no_grad():
+        explicit = linear(quantizer(norm(x)))
+        deployed = folded_linear(fake_quantize(folded_norm(x), rep.scale, rep.zero_point, qmin, qmax))
+    close = (deployed - explicit).abs().amax(-1) <= 1e-4 * explicit.abs().max()
+    assert float(close.float().mean()) > 0.99  # only rows with a float-rounding tie may differ
+
+
+def test_mse_observer_histograms_sync_across_ranks_and_ranges_are_validated():
+    norm, _ = make_layers(seed=6)
+    quantizer = mse_calibrated(norm, 4)
+    before = [t.clone() for t in quantizer.observer.clip_range(4)]
+    hist = quantizer.observer.hist.clone()
+    assert sync_observers(quantizer, lambda t, op: t * 2 if op == "sum" else t) == 1  # two ranks, the same data
+    assert torch.equal(quantizer.observer.hist, hist * 2)
+    after = quantizer.observer.clip_range(4)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    from lit_mpq.quant.apply import apply_post_layernorm
+
+    with pytest.raises(ValueError, match="ranges must be one of"):
+        apply_post_layernorm(nn.Sequential(), torch.zeros(1), ranges="percentile")

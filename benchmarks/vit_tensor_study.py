@@ -13,6 +13,7 @@ alone at 8 bits, and one kind of tensor at a time at 8 bits with everything else
 embedding and head included). One row per variant: top-1 and the evaluation time::
 
     python benchmarks/vit_tensor_study.py [--model deit|vit] [--images 500] [--study w6a6|w8a8|a4] [--only REGEX]
+        [--recipe before|4bit]
 
 Results: docs/vit.md ("Which tensors cost W6A6").
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import timm
 import torch
-from _runs import VIT_RECIPE, cached_batches, evenly_spaced, imagenet_data
+from _runs import VIT_RECIPE, VIT_RECIPE_4BIT, cached_batches, evenly_spaced, imagenet_data
 
 from lit_mpq.quant.apply import (
     apply_plan,
@@ -118,16 +119,24 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="N evenly spaced validation images")
     parser.add_argument("--study", choices=sorted(STUDIES), default="w6a6", help="which set of variants")
     parser.add_argument("--only", default="", help="run only the variants whose label matches this regex")
+    parser.add_argument(
+        "--recipe",
+        choices=["before", "4bit"],
+        default="before",
+        help="the calibration recipe: configs/deit.yaml's until 2026-12-03, or its 4-bit one since (twin-uniform fc2 "
+        "inputs, mean softmax zero code, per-channel MSE post-LayerNorm ranges)",
+    )
     args = parser.parse_args()
     backbone, weights = MODELS[args.model]
     model = timm.create_model(backbone, pretrained=False)
     model.load_state_dict(torch.load(DATA / weights, weights_only=True))
     model.eval()
     data = imagenet_data(DATA, backbone, 256)
-    quantize_model(model, VIT_RECIPE)
+    recipe = VIT_RECIPE_4BIT if args.recipe == "4bit" else VIT_RECIPE
+    quantize_model(model, recipe)
     example = torch.zeros(1, 3, 224, 224)
     plan = measure_model(model, example)
-    apply_post_layernorm(model, example, "mse" if VIT_RECIPE.post_layernorm == "reparam_mse" else "minmax")
+    apply_post_layernorm(model, example, "mse" if recipe.post_layernorm == "reparam_mse" else "minmax")
     set_mode(model, weights="off", activations="observe")
     with torch.inference_mode():
         for x, *_ in data.calib_dataloader():

@@ -225,3 +225,35 @@ def test_a_nan_weight_is_reported_on_the_layer_that_holds_it(tmp_path, layer):
     trainer = new_trainer(tmp_path, Calibration())
     with pytest.raises(ValueError, match=rf"'{layer}(\.weight)?'"):
         trainer.validate(module, digits(), verbose=False)
+
+
+def test_the_4_bit_vit_recipe_is_wired_from_the_callback_settings():
+    """configs/deit.yaml's 4-bit settings reach the quantizers: twin-uniform fc2 inputs, per-channel MSE ranges in
+    the post-LayerNorm fold, the softmax zero code at the mean."""
+    import timm
+
+    from lit_mpq.quant.layernorm import ChannelwiseActivationQuantizer, ChannelwiseMSEObserver
+    from lit_mpq.quant.softmax import LogQuantizer
+    from lit_mpq.quant.twin_uniform import TwinUniformQuantizer
+
+    callback = Calibration(
+        softmax_quantizer="log_sqrt2",
+        softmax_underflow="mean",
+        post_layernorm="reparam_mse",
+        act_observer_overrides={r"blocks\..*\.mlp\.fc2": "twin_uniform"},
+    )
+    holder = nn.Module()
+    holder.model, holder.plan, holder.input_size = timm.create_model("test_vit").eval(), None, (3, 160, 160)
+    callback.setup(SimpleNamespace(datamodule=SimpleNamespace(input_size=(3, 160, 160))), holder, "validate")
+    layers = quant_layers(holder.model)
+    fc2 = [name for name in layers if name.endswith("mlp.fc2")]
+    folded = [name for name in layers if name.endswith(("attn.qkv", "mlp.fc1"))]
+    assert fc2 and all(isinstance(layers[name].input_quantizer, TwinUniformQuantizer) for name in fc2)
+    for name in folded:
+        quantizer = layers[name].input_quantizer
+        assert isinstance(quantizer, ChannelwiseActivationQuantizer)
+        assert isinstance(quantizer.observer, ChannelwiseMSEObserver)
+    softmax = [layers[name].input_quantizer for name in layers if name.endswith("matmul_av")]
+    assert softmax and all(isinstance(q, LogQuantizer) and q.underflow == "mean" for q in softmax)
+    with pytest.raises(ValueError, match="post_layernorm"):
+        Calibration(post_layernorm="reparam_percentile")

@@ -68,7 +68,7 @@ class QuantSettings:
         post_layernorm: Inputs of Linear layers fed by a LayerNorm: ``"per_tensor"`` like every other input, or
             ``"reparam"``: per-channel min/max ranges folded into the LayerNorm and the Linear (RepQ-ViT, see
             :mod:`lit_mpq.quant.layernorm`), per tensor at inference, or ``"reparam_mse"``: the same with each
-            channel's range searched for the smallest squared error at the bit width (what 4 bits want). Applied by
+            channel's range searched for the smallest squared error below 6 bits (min/max from 6 up). Applied by
             :func:`apply_post_layernorm`, which needs a forward pass.
         act_observer_overrides: ``(pattern, observer)`` pairs: the input of a Conv2d/Linear layer whose fully
             qualified name matches ``pattern`` (``re.fullmatch``; the first matching pair wins) gets ``observer``

@@ -359,7 +359,7 @@ def test_folded_per_tensor_beats_plain_per_tensor_minmax(bits, max_ratio):
 
 # ------------------------------------------------------------------------------------ per-channel MSE ranges
 def mse_calibrated(norm: nn.LayerNorm, bits: int) -> ChannelwiseActivationQuantizer:
-    quantizer = ChannelwiseActivationQuantizer(ChannelwiseMSEObserver(C), bits=bits)
+    quantizer = ChannelwiseActivationQuantizer(ChannelwiseMSEObserver(C, minmax_from_bits=None), bits=bits)
     quantizer.set_mode("observe")
     with torch.no_grad():
         for seed in range(3):
@@ -402,6 +402,18 @@ def test_mse_ranges_fold_into_the_layernorm_like_min_max_ones():
         deployed = folded_linear(fake_quantize(folded_norm(x), rep.scale, rep.zero_point, qmin, qmax))
     close = (deployed - explicit).abs().amax(-1) <= 1e-4 * explicit.abs().max()
     assert float(close.float().mean()) > 0.99  # only rows with a float-rounding tie may differ
+
+
+def test_mse_observer_uses_min_max_ranges_from_its_switch_width():
+    norm, _ = make_layers(seed=7)
+    observer = ChannelwiseMSEObserver(C)  # the default switch: min/max from 6 bits up
+    with torch.no_grad():
+        for seed in range(3):
+            observer(norm(tokens(seed)))
+    for bits in (6, 8):
+        low, high = observer.clip_range(bits)
+        assert torch.equal(low, observer.min_val) and torch.equal(high, observer.max_val)
+    assert not torch.equal(observer.clip_range(4)[1], observer.max_val)
 
 
 def test_mse_observer_histograms_sync_across_ranks_and_ranges_are_validated():

@@ -197,8 +197,22 @@ class LogQuantizer(ActivationQuantizer):
             self._cache[bits] = (scale, torch.zeros((), dtype=torch.int64, device=scale.device))
         return self._cache[bits]
 
+    def set_range_factor(self, bits: int, factor: float) -> None:
+        """Scale the range used at ``bits`` by ``factor``; forgets the cached parameters and zero-code value."""
+        super().set_range_factor(bits, factor)
+        self._cache.pop(("underflow", bits), None)
+
     def underflow_value(self, bits: int) -> Tensor:
-        """The zero code's value at logarithmic width ``bits``: 0, or the snapped mean of what it stands for."""
+        """The zero code's value at logarithmic width ``bits``: 0, or the snapped mean of what it stands for.
+
+        Cached per width next to the scale (every forward at that width needs it; the cache is cleared with it).
+        """
+        key = ("underflow", bits)
+        if key not in self._cache:
+            self._cache[key] = self._underflow_value(bits)
+        return self._cache[key]
+
+    def _underflow_value(self, bits: int) -> Tensor:
         scale, _ = self.qparams(bits)
         if self.underflow == "zero":
             return torch.zeros((), dtype=scale.dtype, device=scale.device)

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from lit_mpq.quant.functional import fake_quantize, quant_range
 from lit_mpq.quant.modules import ActivationQuantizer
-from lit_mpq.quant.observers import MSEObserver, Observer
+from lit_mpq.quant.observers import MSEObserver, Observer, fold_sign_codes
 
 __all__ = [
     "ChannelwiseActivationQuantizer",
@@ -172,15 +172,7 @@ class ChannelwiseMSEObserver(ChannelwiseMinMaxObserver):
         codes += torch.arange(self.num_channels, device=codes.device) * (2 * per_sign)
         raw = torch.zeros(self.num_channels * 2 * per_sign, dtype=torch.int64, device=codes.device)
         raw.index_add_(0, codes.view(-1), torch.ones((), dtype=torch.int64, device=codes.device).expand(codes.numel()))
-        raw = raw.view(self.num_channels, 2, per_sign)
-        n, first = self._num_bins, self._first_code
-        bins = raw[:, :, first : first + n]
-        self.hist[:, n + 1 :].add_(bins[:, 0])
-        self.hist[:, :n].add_(bins[:, 1].flip(-1))
-        self.hist[:, n].add_(raw[:, :, :first].sum(dim=(1, 2)))
-        overflow = raw[:, :, first + n :].sum(dim=2)
-        self.hist[:, -1].add_(overflow[:, 0])
-        self.hist[:, 0].add_(overflow[:, 1])
+        fold_sign_codes(self.hist, raw.view(self.num_channels, 2, per_sign), self._num_bins, self._first_code)
         return x
 
     def clip_range(self, bits: int) -> tuple[Tensor, Tensor]:

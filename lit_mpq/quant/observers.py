@@ -172,14 +172,7 @@ class HistogramObserver(Observer):
 
     def _add_codes(self, raw: Tensor) -> None:
         """Fold per-code counts ``[sign, code]`` (sign 0 positive, 1 negative) into :attr:`hist`."""
-        n, first = self.num_bins, self._first_code
-        bins = raw[:, first : first + n]
-        self.hist[n + 1 :].add_(bins[0])
-        self.hist[:n].add_(bins[1].flip(0))
-        self.hist[n].add_(raw[:, :first].sum())  # under 2^MIN_EXP, both signs: the zero bin
-        overflow = raw[:, first + n :].sum(dim=1)  # 2^MAX_EXP and beyond: the top bin of each sign
-        self.hist[-1].add_(overflow[0])
-        self.hist[0].add_(overflow[1])
+        fold_sign_codes(self.hist, raw, self.num_bins, self._first_code)
 
     # ------------------------------------------------------------------------------------------- helpers
     def _edges(self) -> Tensor:
@@ -224,6 +217,23 @@ class HistogramObserver(Observer):
         before = cdf[k] - counts[k]
         frac = ((target - before) / counts[k]).clamp(0, 1) if counts[k] > 0 else torch.tensor(1.0, dtype=cdf.dtype)
         return (lower[k] + frac * (upper[k] - lower[k])).float()
+
+
+def fold_sign_codes(hist: Tensor, raw: Tensor, num_bins: int, first_code: int) -> None:
+    """Add per-code counts ``raw[..., sign, code]`` into sign-split histograms ``hist[..., 2 * num_bins + 1]``.
+
+    The layout of :class:`HistogramObserver`: negative bins (largest magnitude first), the zero bin, positive bins.
+    Codes under ``first_code`` (magnitudes under ``2^MIN_EXP``) count in the zero bin, codes from ``first_code +
+    num_bins`` on in the top bin of their sign. Leading dimensions are independent histograms (one per channel).
+    """
+    n, first = num_bins, first_code
+    bins = raw[..., first : first + n]
+    hist[..., n + 1 :].add_(bins[..., 0, :])
+    hist[..., :n].add_(bins[..., 1, :].flip(-1))
+    hist[..., n].add_(raw[..., :first].sum(dim=(-2, -1)))  # under 2^MIN_EXP, both signs: the zero bin
+    overflow = raw[..., first + n :].sum(dim=-1)  # 2^MAX_EXP and beyond: the top bin of each sign
+    hist[..., -1].add_(overflow[..., 0])
+    hist[..., 0].add_(overflow[..., 1])
 
 
 class PercentileObserver(HistogramObserver):

@@ -148,9 +148,16 @@ class MPQCLI(LightningCLI):
         """Print each Report's summary after Lightning's own output, so it is the last thing the user sees."""
         from lit_mpq.callbacks import Report
 
+        printed = False
         for callback in self.trainer.callbacks:
             if isinstance(callback, Report) and callback.print_summary and callback.last_summary:
                 print(callback.last_summary, flush=True)
+                printed = True
+        if not printed and getattr(self.model, "quantization_frozen", False):  # a packed model, evaluated as it is
+            metrics = self.trainer.callback_metrics
+            found = {key: float(metrics[key]) for key in ("val/top1", "val/top5") if key in metrics}
+            shown = ", ".join(f"{key.removeprefix('val/')} {value:.2f} %" for key, value in found.items())
+            print(f"lit_mpq: packed model {self.model.hparams.checkpoint_path}: {shown}", flush=True)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MPQCLI | None:

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_mpq.deploy.checkpoint import load_packed_if_any, load_quantized, read_index
 from lit_mpq.models import backbone_input_size, create_backbone
 from lit_mpq.plan import QuantPlan
 from lit_mpq.quant.apply import quant_layer_names, quantizers_mode
@@ -36,7 +38,9 @@ class MPQModule(LightningModule):
         backbone: Model name: one of lit_mpq's registry (``cifar_resnet20``, ``digits_cnn``, ...), a timm name
             (``deit_tiny_patch16_224``, ``resnet18``), or ``torchvision:<name>``.
         pretrained: Load the library's pretrained weights (needs a network for timm/torchvision).
-        checkpoint_path: Local weights to load: a plain state_dict or a Lightning checkpoint.
+        checkpoint_path: Local weights to load: a plain state_dict, a Lightning checkpoint, or a packed quantized
+            checkpoint (``quantized.pt`` of an ``Export`` callback): then the model comes back quantized, at the run's
+            bit widths and quantization parameters, with no calibration (its logits are the run's, bit for bit).
         num_classes: Output classes; default: the backbone's own.
         fp32_reference: Also evaluate the unquantized model in the same validation pass (``val/top1_fp32``).
         optimizer: ``"sgd"`` (momentum 0.9, nesterov) or ``"adamw"``, for ``fit``.
@@ -64,9 +68,17 @@ class MPQModule(LightningModule):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         self.save_hyperparameters()
-        self.model = create_backbone(
-            backbone, pretrained=pretrained, num_classes=num_classes, checkpoint_path=checkpoint_path
-        )
+        self.plan: QuantPlan | None = None
+        """Set by the ``Calibration`` callback (or a packed checkpoint); read and written by the other callbacks."""
+        self.quantization_frozen = False
+        """True when the model was loaded quantized from a packed checkpoint: nothing recalibrates or reallocates it."""
+        packed = load_packed_if_any(checkpoint_path)
+        if packed is not None:
+            self.model = self._load_packed(backbone, num_classes, checkpoint_path, packed)
+        else:
+            self.model = create_backbone(
+                backbone, pretrained=pretrained, num_classes=num_classes, checkpoint_path=checkpoint_path
+            )
         self.input_size: tuple[int, int, int] = backbone_input_size(self.model)
         self.num_classes = num_classes or self._infer_num_classes()
         top_k = min(5, self.num_classes)
@@ -77,10 +89,24 @@ class MPQModule(LightningModule):
         self.train_top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
         # A metric, not a plain mean: per-rank shard sizes may differ, and sums merge exactly across ranks.
         self.val_loss = MeanMetric()
-        self.plan: QuantPlan | None = None
-        """Set by the ``Calibration`` callback; read and written by the other callbacks."""
         self.record = RunRecord()
         """What the run measured besides the plan (calibration, probe, allocation, energy), filled by the callbacks."""
+
+    def _load_packed(self, backbone: str, num_classes: int | None, path: str, content: dict) -> torch.nn.Module:
+        stored = content["backbone"]
+        if backbone != stored:
+            raise ValueError(f"{path!r} holds a quantized {stored!r}, not {backbone!r}: set model.backbone: {stored}")
+        loaded = load_quantized(content)
+        if num_classes is not None and loaded.plan and num_classes != read_index(content)["num_classes"]:
+            raise ValueError(
+                f"{path!r} has {read_index(content)['num_classes']} classes, not num_classes={num_classes}"
+            )
+        if self.hparams.fp32_reference:  # the float weights are not in the file: the "FP32" pass would be dequantized
+            rank_zero_warn(f"{path!r} is a packed quantized model without float weights: fp32_reference is turned off")
+            self.hparams.fp32_reference = False
+        self.plan = loaded.plan
+        self.quantization_frozen = True
+        return loaded.model
 
     @torch.no_grad()
     def _infer_num_classes(self) -> int:

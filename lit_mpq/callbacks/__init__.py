@@ -3,6 +3,7 @@
 from lit_mpq.callbacks.allocation import BitAllocator, BitOverride
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
+from lit_mpq.callbacks.export import Export
 from lit_mpq.callbacks.label_aware import LabelAwareEvaluation
 from lit_mpq.callbacks.refinement import AttentionRefinement
 from lit_mpq.callbacks.report import Report
@@ -15,6 +16,7 @@ __all__ = [
     "BitOverride",
     "Calibration",
     "EnergyMeter",
+    "Export",
     "LabelAwareEvaluation",
     "Report",
     "SensitivityProbe",

@@ -16,6 +16,8 @@ import dataclasses
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import (
@@ -36,6 +38,7 @@ from lit_mpq.quant.apply import (
     quantize_model,
     set_mode,
 )
+from lit_mpq.quant.batchnorm import BatchNormFoldError, fold_batchnorm
 from lit_mpq.quant.checks import check_calibrated, check_finite_parameters
 from lit_mpq.quant.observers import sync_observers
 from lit_mpq.report.record import CalibrationRecord
@@ -72,6 +75,9 @@ class Calibration(Callback):
             Linear input FQ-ViT's power-of-two channel factors (:mod:`lit_mpq.quant.power_of_two`), ``twin_uniform``
             PTQ4ViT's separate grids for negative and positive values (:mod:`lit_mpq.quant.twin_uniform`).
         ptf_max_shift: ``K`` of the ``ptf`` inputs: channel factors ``2^0 .. 2^K`` (recorded in the card).
+        fold_batchnorm: Fold every BatchNorm that directly follows a Conv2d/Linear into it before quantizing, as a
+            deployment does (:mod:`lit_mpq.quant.batchnorm`; the card's ``bn_folded``). Default (null): fold when the
+            run exports a model (an :class:`~lit_mpq.callbacks.Export` callback is in the trainer), otherwise not.
 
     Raises:
         ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
@@ -93,6 +99,7 @@ class Calibration(Callback):
         post_layernorm: str = "per_tensor",
         act_observer_overrides: dict[str, str] | None = None,
         ptf_max_shift: int = 3,
+        fold_batchnorm: bool | None = None,
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -112,22 +119,48 @@ class Calibration(Callback):
             act_observer_overrides=tuple((act_observer_overrides or {}).items()),
             ptf_max_shift=ptf_max_shift,
         )
+        self.fold_batchnorm = fold_batchnorm
+        self.folded_batchnorms: list[tuple[str, str]] = []
+        """The ``(layer, batchnorm)`` pairs folded in ``setup``."""
         self._calibrated = False
         self.image_digests: list[bytes] = []
         """SHA-256 of every calibration image, in order (what the probe cache keys on)."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage not in QUANT_STAGES or getattr(pl_module, "plan", None) is not None:
+        if stage not in QUANT_STAGES:
             return
-        quantize_model(pl_module.model, self.settings)
+        if getattr(pl_module, "quantization_frozen", False):
+            raise MisconfigurationException(
+                "the model was loaded quantized from a packed checkpoint (quantized.pt): it is calibrated and allocated"
+                " already. Remove Calibration and the callbacks that need it from trainer.callbacks to evaluate it"
+            )
+        if getattr(pl_module, "plan", None) is not None:
+            return
         size = getattr(trainer.datamodule, "input_size", None) or pl_module.input_size
         device = next(pl_module.parameters()).device
         example = torch.zeros(1, *size, device=device)
+        self._fold(trainer, pl_module, example)
+        quantize_model(pl_module.model, self.settings)
         pl_module.plan = measure_model(pl_module.model, example)
         if self.settings.post_layernorm in ("reparam", "reparam_mse"):
             ranges = "mse" if self.settings.post_layernorm == "reparam_mse" else "minmax"
             apply_post_layernorm(pl_module.model, example, ranges)
+
+    def _fold(self, trainer: pl.Trainer, pl_module: pl.LightningModule, example: torch.Tensor) -> None:
+        from lit_mpq.callbacks.export import Export  # imports this module
+
+        wanted = self.fold_batchnorm
+        if wanted is None:
+            wanted = any(isinstance(callback, Export) for callback in getattr(trainer, "callbacks", ()))
+        if not wanted:
+            return
+        try:
+            self.folded_batchnorms = fold_batchnorm(pl_module.model, example)
+        except BatchNormFoldError as exc:
+            if self.fold_batchnorm:  # asked for by name: the run must not go on with something else
+                raise
+            rank_zero_warn(f"BatchNorm not folded for the export: {exc}")
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -156,7 +189,10 @@ class Calibration(Callback):
         total = sum(per_rank)
         self._calibrated = True
         pl_module.record.calibration = CalibrationRecord(
-            images=total, images_per_rank=per_rank, seconds=timer() - start, settings=dataclasses.asdict(self.settings)
+            images=total,
+            images_per_rank=per_rank,
+            seconds=timer() - start,
+            settings=dataclasses.asdict(self.settings) | {"bn_folded": bool(self.folded_batchnorms)},
         )
         pl_module.log("calib/num_images", float(total))
         pl_module.log("calib/max_images_per_rank", float(max(per_rank)))

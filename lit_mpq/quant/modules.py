@@ -79,6 +79,9 @@ class WeightQuantizer(_Quantizer):
         self.rounded: dict[int, tuple[Tensor, Tensor]] = {}
         """``{bits: (source, rounded)}``: weights rounded by a data-driven method (:mod:`lit_mpq.rounding`) on this
         quantizer's grid, used instead of nearest rounding at ``bits`` while the weight equals ``source``."""
+        self.fixed_qparams: dict[int, tuple[Tensor, Tensor]] = {}
+        """``{bits: (scale, zero_point)}`` used as they are instead of being derived from the weight (a model loaded
+        from a packed checkpoint, whose weights are already the dequantized codes)."""
         self._stale_warned = False
         self.rounding_version = 0
         """Counts changes of :attr:`rounded` (part of the keys of results derived from the quantized weight)."""
@@ -132,6 +135,9 @@ class WeightQuantizer(_Quantizer):
                 computed afresh in every forward (a standardized weight) needs the version of the parameters it is
                 computed from: a new tensor may reuse a freed one's storage with the same version 0.
         """
+        fixed = self.fixed_qparams.get(bits)
+        if fixed is not None:
+            return fixed
         key = (bits, *(version or _tensor_version(weight)))
         cached = self._cache.get(key)  # get, not `in` + index: rounding runs forwards in threads (lit_mpq.rounding)
         if cached is None:
@@ -437,6 +443,9 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         bits = self.weight_quantizer.bits
         if self.weight_quantizer.mode != "quant" or bits is None:
             return F.linear(x_hat, self.effective_weight(), self.bias)  # float weights: the fold is exact
+        frozen = getattr(self, "frozen_simulated", None)
+        if frozen is not None and frozen[0] == bits:  # loaded from a packed checkpoint (lit_mpq.deploy.checkpoint)
+            return F.linear(x_hat, frozen[1], frozen[2])
         weight, bias = self._simulated_params(rep, bits)
         return F.linear(x_hat, weight, bias)
 

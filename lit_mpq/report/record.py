@@ -137,6 +137,7 @@ class RunRecord:
         refinement: The ranking-aware refinement's report (``AttentionRefinement``: factors, objectives, seconds).
         energy: The energy report of ``EnergyMeter`` (:func:`lit_mpq.energy.energy_report`, plus measured energy).
         label_aware: Set by ``LabelAwareEvaluation``: accuracy on class subsets.
+        export: Set by ``Export``: the files written, the packed size against the ideal, ONNX Runtime's top-1.
         seed_everything: The run's global seed, as configured (``None`` when none was set).
     """
 
@@ -147,6 +148,7 @@ class RunRecord:
     energy: dict[str, Any] | None = None
     refinement: dict[str, Any] | None = None
     label_aware: LabelAwareRecord | None = None
+    export: dict[str, Any] | None = None
     seed_everything: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def run_card(
         act_symmetric=bool(settings.get("act_symmetric", False)),
         percentile=settings.get("percentile"),
         bias_correction=bool(settings.get("bias_correction", False)),
-        bn_folded=False,
+        bn_folded=bool(settings.get("bn_folded", False)),
         calibration_images=images,
         calibration_seed=data_hparams.get("calibration_seed"),
         calibration_subset=f"{subset} {images} images of the calibration pool",

@@ -46,6 +46,8 @@ class MPQModule(LightningModule):
         optimizer: ``"sgd"`` (momentum 0.9, nesterov) or ``"adamw"``, for ``fit``.
         lr: Peak learning rate for ``fit`` (cosine-annealed over ``trainer.max_epochs``).
         weight_decay: Weight decay for ``fit``.
+        model_kwargs: Further keyword arguments of the backbone's builder (see
+            :func:`~lit_mpq.models.create_backbone`), e.g. ``{img_size: 64, window_size: 4}`` for a small Swin.
 
     Raises:
         ValueError: On an unknown optimizer or a non-positive learning rate.
@@ -61,6 +63,7 @@ class MPQModule(LightningModule):
         optimizer: str = "sgd",
         lr: float = 0.05,
         weight_decay: float = 5e-4,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -77,7 +80,11 @@ class MPQModule(LightningModule):
             self.model = self._load_packed(backbone, num_classes, checkpoint_path, packed)
         else:
             self.model = create_backbone(
-                backbone, pretrained=pretrained, num_classes=num_classes, checkpoint_path=checkpoint_path
+                backbone,
+                pretrained=pretrained,
+                num_classes=num_classes,
+                checkpoint_path=checkpoint_path,
+                model_kwargs=model_kwargs,
             )
         self.input_size: tuple[int, int, int] = backbone_input_size(self.model)
         self.num_classes = num_classes or self._infer_num_classes()
@@ -96,11 +103,10 @@ class MPQModule(LightningModule):
         stored = content["backbone"]
         if backbone != stored:
             raise ValueError(f"{path!r} holds a quantized {stored!r}, not {backbone!r}: set model.backbone: {stored}")
+        stored_classes = read_index(content)["num_classes"]
+        if num_classes is not None and num_classes != stored_classes:
+            raise ValueError(f"{path!r} has {stored_classes} classes, not num_classes={num_classes}")
         loaded = load_quantized(content)
-        if num_classes is not None and loaded.plan and num_classes != read_index(content)["num_classes"]:
-            raise ValueError(
-                f"{path!r} has {read_index(content)['num_classes']} classes, not num_classes={num_classes}"
-            )
         if self.hparams.fp32_reference:  # the float weights are not in the file: the "FP32" pass would be dequantized
             rank_zero_warn(f"{path!r} is a packed quantized model without float weights: fp32_reference is turned off")
             self.hparams.fp32_reference = False

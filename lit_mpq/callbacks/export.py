@@ -108,6 +108,7 @@ class Export(Callback):
                     settings=calibration.settings,
                     folded_batchnorms=calibration.folded_batchnorms,
                     card=card,
+                    model_kwargs=pl_module.hparams.get("model_kwargs"),
                 )
             except QuantizedExportError as exc:
                 rank_zero_warn(f"quantized.pt not written: {exc}")

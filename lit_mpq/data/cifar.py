@@ -35,6 +35,9 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # The CIFAR-10 mean with the widely copied standard deviation of kuangliu/pytorch-cifar, which
+    # chenyaofo/pytorch-cifar-models trained with: what the shared ShuffleNetV2 weights expect.
+    "cifar10_chenyaofo": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
 """Per-channel (mean, std) of RGB values in [0, 1], by name."""
 
@@ -105,7 +108,7 @@ class CIFARDataModule(ClassificationDataModule):
         test_npz: ``.npz`` with the evaluation images, e.g. ``../shared/data/cifar10_test_1k_lossless.npz``.
         download: Let torchvision download the dataset into ``root`` (needs network access).
         normalization: Input statistics: ``"imagenet"`` (what the shared CIFAR ResNet weights expect),
-            ``"cifar10"`` or ``"cifar100"``.
+            ``"cifar10"``, ``"cifar100"``, or ``"cifar10_chenyaofo"`` (the shared ShuffleNetV2's).
         max_val_samples: Evaluate only the first N test images (``None``: all).
         batch_size: Images per batch.
         num_workers: Worker processes per loader.

@@ -332,6 +332,7 @@ def pack_model(
     settings: QuantSettings,
     folded_batchnorms: list[tuple[str, str]] = (),
     card: Mapping[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of a packed checkpoint for ``model`` as it is now (quantizers at the plan's widths).
 
@@ -345,6 +346,7 @@ def pack_model(
         settings: The quantizer settings of the run.
         folded_batchnorms: The ``(layer, batchnorm)`` pairs folded before quantizing.
         card: The run's quantization card.
+        model_kwargs: The keyword arguments the backbone was built with (:func:`~lit_mpq.models.create_backbone`).
 
     Raises:
         QuantizedExportError: If a layer cannot be represented exactly (see the message).
@@ -386,6 +388,7 @@ def pack_model(
     settings_dict["act_observer_overrides"] = [list(pair) for pair in settings.act_observer_overrides]
     index = {
         "num_classes": int(num_classes),
+        "model_kwargs": dict(model_kwargs or {}),
         "input_size": [int(size) for size in input_size],
         "settings": settings_dict,
         "folded_batchnorms": [list(pair) for pair in folded_batchnorms],
@@ -495,7 +498,9 @@ def load_quantized(source: str | os.PathLike | Mapping[str, Any], model: nn.Modu
         raise ValueError(f"{label} has format {content['format']!r}; this lit_mpq reads {FORMAT!r}: upgrade lit_mpq")
     index = read_index(content)
     if model is None:
-        model = create_backbone(content["backbone"], num_classes=index["num_classes"])
+        model = create_backbone(
+            content["backbone"], num_classes=index["num_classes"], model_kwargs=index.get("model_kwargs")
+        )
     device = next(model.parameters()).device
     example = torch.zeros(1, *index["input_size"], device=device)
     model.eval()

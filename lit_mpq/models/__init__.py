@@ -7,7 +7,7 @@ Importing this package registers the built-in backbones. Build any model with :f
     create_backbone("torchvision:resnet18", pretrained=True)        # torchvision
 """
 
-from lit_mpq.models import cifar_resnet, small  # noqa: F401  (import registers the built-in backbones)
+from lit_mpq.models import cifar_resnet, cifar_shufflenet, cifar_vgg, small  # noqa: F401  (import registers the built-in backbones)
 from lit_mpq.models.factory import (
     PretrainedWeightsUnavailableError,
     backbone_input_size,

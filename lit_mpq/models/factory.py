@@ -112,6 +112,7 @@ def create_backbone(
     pretrained: bool = False,
     num_classes: int | None = None,
     checkpoint_path: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Build a backbone by name.
 
@@ -124,6 +125,9 @@ def create_backbone(
             ImageNet models).
         checkpoint_path: Local weights (a plain state_dict or a Lightning ``.ckpt``) loaded with ``strict=True``
             after the model is built. When given, nothing is downloaded, whatever ``pretrained`` says.
+        model_kwargs: Further keyword arguments of the model's builder (``timm.create_model``,
+            ``torchvision.models.get_model`` or the lit_mpq function), e.g. ``{"img_size": 64, "window_size": 4}`` for
+            a small Swin, ``{"aux_logits": False}`` for GoogLeNet.
 
     Returns:
         The model, in training mode as the library returns it.
@@ -151,12 +155,13 @@ def create_backbone(
                 f"or set pretrained: false to start from random weights."
             )
         fn = get_backbone_fn(name)
-        model = fn() if num_classes is None else fn(num_classes=num_classes)
+        extra = dict(model_kwargs or {})
+        model = fn(**extra) if num_classes is None else fn(num_classes=num_classes, **extra)
     elif name.startswith(TORCHVISION_PREFIX):
-        model = _create_torchvision(name, name[len(TORCHVISION_PREFIX) :], download, num_classes)
+        model = _create_torchvision(name, name[len(TORCHVISION_PREFIX) :], download, num_classes, model_kwargs)
     else:
         timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
-        model = _create_timm(name, timm_name, download, num_classes)
+        model = _create_timm(name, timm_name, download, num_classes, model_kwargs)
 
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, strict=True)
@@ -278,7 +283,8 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> nn.Modu
 def backbone_input_size(model: nn.Module) -> tuple[int, int, int]:
     """Return the ``(C, H, W)`` input a backbone expects.
 
-    Looks at ``model.default_input_size`` (lit_mpq backbones), then timm's ``model.pretrained_cfg["input_size"]``,
+    Looks at ``model.default_input_size`` (lit_mpq backbones), then the image size of a timm patch embedding, then
+    timm's ``model.pretrained_cfg["input_size"]``,
     and falls back to the torchvision ImageNet default ``(3, 224, 224)``.
 
     Args:
@@ -288,6 +294,11 @@ def backbone_input_size(model: nn.Module) -> tuple[int, int, int]:
         Channels, height and width.
     """
     size: Any = getattr(model, "default_input_size", None)
+    if size is None:  # a timm model built for another image size (model_kwargs img_size) says so in its patch embedding
+        embed = next((m for m in model.modules() if type(m).__name__ == "PatchEmbed"), None)
+        img_size = getattr(embed, "img_size", None)
+        if isinstance(img_size, tuple | list) and len(img_size) == 2:
+            size = (getattr(getattr(embed, "proj", None), "in_channels", 3), *img_size)
     if size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
         if isinstance(cfg, Mapping):
@@ -303,7 +314,9 @@ def backbone_input_size(model: nn.Module) -> tuple[int, int, int]:
 # torchvision and timm
 
 
-def _create_torchvision(name: str, tv_name: str, download: bool, num_classes: int | None) -> nn.Module:
+def _create_torchvision(
+    name: str, tv_name: str, download: bool, num_classes: int | None, model_kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
     import torchvision
 
     available = torchvision.models.list_models()
@@ -314,7 +327,7 @@ def _create_torchvision(name: str, tv_name: str, download: bool, num_classes: in
             f"Unknown torchvision model {tv_name!r} (from {name!r}).{hint} List the names with "
             f"torchvision.models.list_models() and write them as 'torchvision:<name>'."
         )
-    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = dict(model_kwargs or {}) | ({} if num_classes is None else {"num_classes": num_classes})
     if not download:
         return torchvision.models.get_model(tv_name, weights=None, **kwargs)
 
@@ -341,12 +354,14 @@ def _create_torchvision(name: str, tv_name: str, download: bool, num_classes: in
         raise PretrainedWeightsUnavailableError(_unavailable_message(name, _short(exc))) from None
 
 
-def _create_timm(name: str, timm_name: str, download: bool, num_classes: int | None) -> nn.Module:
+def _create_timm(
+    name: str, timm_name: str, download: bool, num_classes: int | None, model_kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
     import timm
 
     if not timm_name.startswith(_TIMM_PASSTHROUGH_PREFIXES) and not timm.is_model(timm_name):
         raise ValueError(_unknown_message(name, timm.list_models()))
-    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = dict(model_kwargs or {}) | ({} if num_classes is None else {"num_classes": num_classes})
     if not download:
         return timm.create_model(timm_name, pretrained=False, **kwargs)
     if not timm_name.startswith(_LOCAL_DIR_PREFIX):  # a local folder needs no network

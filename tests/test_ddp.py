@@ -23,11 +23,14 @@ pytestmark = pytest.mark.slow
 
 
 def config_with_cache(tmp_path: Path, cache_dir: Path | None) -> Path:
-    """The default config with the probe cache in ``cache_dir`` (None: off), so each run's probing is under control."""
+    """The default config with the probe cache in ``cache_dir`` (None: off), so each run's probing is under control,
+    and an Export callback (the shipped model must not depend on the number of devices either)."""
     config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("SensitivityProbe"):
             callback.setdefault("init_args", {})["cache_dir"] = None if cache_dir is None else str(cache_dir)
+    callbacks = config["trainer"]["callbacks"]
+    callbacks.insert(len(callbacks) - 1, {"class_path": "lit_mpq.callbacks.Export"})  # before the Report
     path = tmp_path / f"default_cache_{'off' if cache_dir is None else cache_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -125,3 +128,18 @@ def test_measured_energy_is_unavailable_without_counters_and_times_are_logged(ru
         metrics = results(run)["metrics"]
         for key in ("time/calibration_s", "time/probe_s", "time/allocation_s", "time/eval_images_per_s"):
             assert metrics[key] >= 0, key
+
+
+def test_the_packed_model_and_its_onnx_top1_equal_single_device(runs):
+    import torch
+
+    single, double, _ = runs
+    one, two = (torch.load(run / "quantized.pt", weights_only=True) for run in (single, double))
+    assert torch.equal(one["codes"], two["codes"])
+    assert one["index"].tolist() == two["index"].tolist()  # scales' places, activation parameters, settings
+    assert one["blobs"].keys() == two["blobs"].keys()
+    for dtype in one["blobs"]:
+        assert torch.equal(one["blobs"][dtype], two["blobs"][dtype]), dtype
+    exports = [json.loads((run / "results.json").read_text())["export"] for run in (single, double)]
+    assert exports[0]["onnx"]["top1"] == exports[1]["onnx"]["top1"]
+    assert exports[0]["onnx"]["images"] == exports[1]["onnx"]["images"] == 449

@@ -149,7 +149,12 @@ class Export(Callback):
         record["onnx"] = {"path": str(path), "file_bytes": path.stat().st_size, "opset": self.opset}
         if not self.evaluate_onnx:
             return
-        batches = ((x, y) for x, y in trainer.datamodule.val_dataloader())
+        datamodule = trainer.datamodule  # this rank alone: all images, not its DDP shard
+        loader = datamodule.full_val_dataloader() if hasattr(datamodule, "full_val_dataloader") else None
+        if loader is None:
+            rank_zero_warn("the datamodule has no full_val_dataloader: model.onnx is evaluated on val_dataloader()")
+            loader = datamodule.val_dataloader()
+        batches = ((x, y) for x, y in loader)
         with torch.no_grad():
             result = evaluate_onnx(path, batches)
         run_top1 = trainer.callback_metrics.get("val/top1")

@@ -210,6 +210,11 @@ class ClassificationDataModule(LightningDataModule):
                 )
         return self._loader(self.val_set, self.batch_size)
 
+    def full_val_dataloader(self) -> DataLoader:
+        """Every evaluation image, in dataset order, whatever the process group (for one rank's own evaluation)."""
+        self._ensure_setup()
+        return self._loader(self.val_set, self.batch_size)
+
     def test_dataloader(self) -> DataLoader:
         """Same data as :meth:`val_dataloader`."""
         return self.val_dataloader()

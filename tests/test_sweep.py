@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lit_mpq.cli import main
+from lit_mpq.deploy import load_quantized
 from lit_mpq.energy import HorowitzEnergyModel, uniform_energy
 from lit_mpq.plan import QuantPlan
 from lit_mpq.report import pareto_figure
@@ -302,3 +303,25 @@ def test_resnet20_frontier_figure_keeps_the_band_where_comparisons_happen(tmp_pa
     if below:
         assert f"{len(below)} below" in ax.get_xlabel().replace("\n", " ")
     assert (out / "pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_each_sweep_point_ships_its_own_packed_model(tmp_path):
+    """With an Export callback every point writes quantized.pt and model.onnx in its own folder, at its own plan."""
+    pytest.importorskip("onnxruntime")
+    config = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    config["trainer"]["callbacks"].insert(-1, {"class_path": "lit_mpq.callbacks.Export"})
+    path = tmp_path / "default_export.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run, out, rows, _ = run_sweep(tmp_path, path, "--budgets=[1.0]", "--relative_to=W6A6", "--baselines=[W8A8]",
+                                  "--seed_rule=false")  # fmt: skip
+    points = [folder for folder in sorted(out.iterdir()) if folder.is_dir()]
+    assert len(points) == len(rows) - 1  # the config's own point is the run itself
+    assert (run / "quantized.pt").is_file() and (run / "model.onnx").is_file()
+    plans = []
+    for folder in points:
+        assert (folder / "quantized.pt").is_file() and (folder / "model.onnx").is_file(), folder
+        loaded = load_quantized(folder / "quantized.pt")
+        plans.append(loaded.plan.bits())
+        assert plans[-1] == QuantPlan.from_yaml(folder / "plan.yaml").bits()
+    assert len({str(p) for p in plans}) == len(plans)  # each point shipped its own allocation

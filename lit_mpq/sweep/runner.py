@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_mpq.allocation import ExactAllocation
 from lit_mpq.allocation.solver import InfeasibleBudgetError
-from lit_mpq.callbacks import BitAllocator, EnergyMeter, Report, SensitivityProbe
+from lit_mpq.callbacks import BitAllocator, EnergyMeter, Export, Report, SensitivityProbe
 from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.report import pareto_figure, save_figure, summary_figure
 from lit_mpq.sweep.points import CONFIG_POINT, SweepPoint, SweepSettings, sweep_points
@@ -65,7 +65,7 @@ def _logger_for_point(logger: Logger, sweep_dir: Path, name: str) -> Logger:
 
 @contextmanager
 def _point_run(trainer: pl.Trainer, reports: Sequence[Report], sweep_dir: Path, name: str) -> Iterator[None]:
-    """Send the loggers and the ``Report`` callbacks to the point's own run for the block, and back afterwards."""
+    """Send the loggers and the ``Report`` and ``Export`` callbacks to the point's own run for the block, and back."""
     loggers = list(trainer.loggers)
     saved = [(report.output_dir, report.print_summary, report.probe_figures) for report in reports]
     trainer.loggers = [_logger_for_point(logger, sweep_dir, name) for logger in loggers]
@@ -76,9 +76,15 @@ def _point_run(trainer: pl.Trainer, reports: Sequence[Report], sweep_dir: Path, 
         report.print_summary = False
         # The probe is the config run's: its figures are there, and would be the same in every point.
         report.probe_figures = False
+    exports = [callback for callback in trainer.callbacks if isinstance(callback, Export)]
+    saved_exports = [export.output_dir for export in exports]
+    for export in exports:  # each point ships its own quantized.pt and model.onnx, beside its results
+        export.output_dir = str(sweep_dir / name)
     try:
         yield
     finally:
+        for export, output_dir in zip(exports, saved_exports, strict=True):
+            export.output_dir = output_dir
         trainer.loggers = loggers
         for report, (output_dir, print_summary, probe_figures) in zip(reports, saved, strict=True):
             report.output_dir, report.print_summary, report.probe_figures = output_dir, print_summary, probe_figures

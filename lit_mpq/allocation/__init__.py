@@ -6,6 +6,7 @@ from lit_mpq.allocation.from_file import FromFile
 from lit_mpq.allocation.percentile import SensitivityPercentile
 from lit_mpq.allocation.pinning import BitOverride, match_overrides, pin_layers
 from lit_mpq.allocation.random import RandomAllocation
+from lit_mpq.allocation.schemes import LinearLowBits, VarianceMixed, weight_variances
 from lit_mpq.allocation.solver import InfeasibleBudgetError
 from lit_mpq.allocation.split import Ascending, Descending, WeightSplit
 from lit_mpq.allocation.uniform import Uniform
@@ -18,11 +19,14 @@ __all__ = [
     "ExactAllocation",
     "FromFile",
     "InfeasibleBudgetError",
+    "LinearLowBits",
     "Policy",
     "RandomAllocation",
     "SensitivityPercentile",
     "Uniform",
+    "VarianceMixed",
     "WeightSplit",
     "match_overrides",
     "pin_layers",
+    "weight_variances",
 ]

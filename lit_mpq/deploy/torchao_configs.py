@@ -12,7 +12,8 @@ FP32 / 16 (FP16)       any                 none: the layer stays a float ``nn.Li
                                            weight, per-row scale)
 4                      FP32 / 16           ``PrototypeInt4WeightOnlyConfig`` (``Int4OpaqueTensor``, groups of
                                            ``group_size``; ``aten._weight_int4pack_mm_for_cpu``) on CPU when the
-                                           input features divide by ``group_size``, else as 2-7 bits below
+                                           input features divide by ``group_size`` and the output features by
+                                           16, else as 2-7 bits below
 2-7                    FP32 / 16           ``IntxWeightOnlyConfig(weight_dtype=torch.int<b>)``
                                            (``IntxUnpackedToInt8Tensor``: codes in int8, dequantized per call)
 2-7                    <= 8                ``Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int<b>)``
@@ -57,26 +58,37 @@ FLOAT_WIDTHS = (None, 16)
 DEFAULT_GROUP_SIZE = 32
 """Input features per int4 scale group (torchao accepts 32, 64, 128, 256)."""
 
+INT4_OUT_MULTIPLE = 16
+"""``aten._convert_weight_to_int4pack_for_cpu`` needs the output features to be a multiple of this."""
 
-def torchao_config_name(w_bits: int | None, a_bits: int | None, in_features: int | None = None) -> str | None:
+
+def torchao_config_name(
+    w_bits: int | None, a_bits: int | None, in_features: int | None = None, out_features: int | None = None
+) -> str | None:
     """The name of the torchao config for a Linear layer at ``(w_bits, a_bits)``; ``None`` when it stays float.
 
     Args:
         w_bits: Weight bits (``None`` or 16: float).
         a_bits: Input-activation bits (``None`` or 16: float; 2-8: int8 dynamic activations).
         in_features: The layer's input features, to check the int4 group size (``None``: assume it fits).
+        out_features: The layer's output features; the CPU int4 packing needs a multiple of 16 (``None``: assume so).
     """
     if w_bits in FLOAT_WIDTHS:
         return None
     float_act = a_bits in FLOAT_WIDTHS
     if w_bits == 8:
         return "Int8WeightOnlyConfig" if float_act else "Int8DynamicActivationInt8WeightConfig"
-    if w_bits == 4 and float_act and (in_features is None or in_features % DEFAULT_GROUP_SIZE == 0):
+    fits = (in_features is None or in_features % DEFAULT_GROUP_SIZE == 0) and (
+        out_features is None or out_features % INT4_OUT_MULTIPLE == 0
+    )
+    if w_bits == 4 and float_act and fits:
         return "PrototypeInt4WeightOnlyConfig"
     return "IntxWeightOnlyConfig" if float_act else "Int8DynamicActivationIntxWeightConfig"
 
 
-def torchao_config(w_bits: int | None, a_bits: int | None, in_features: int | None = None) -> Any:
+def torchao_config(
+    w_bits: int | None, a_bits: int | None, in_features: int | None = None, out_features: int | None = None
+) -> Any:
     """The torchao config object for a Linear layer at ``(w_bits, a_bits)`` (see the module table); ``None``: float.
 
     Raises:
@@ -91,7 +103,7 @@ def torchao_config(w_bits: int | None, a_bits: int | None, in_features: int | No
     )
     from torchao.quantization.granularity import PerAxis
 
-    name = torchao_config_name(w_bits, a_bits, in_features)
+    name = torchao_config_name(w_bits, a_bits, in_features, out_features)
     if name is None:
         return None
     if name == "Int8WeightOnlyConfig":
@@ -175,14 +187,14 @@ def apply_torchao_plan(
     configs: dict[str, Any] = {}
     chosen: dict[str, str | None] = {}
     for name, (w_bits, a_bits) in wanted.items():
-        in_features = modules[name].in_features
-        config_name = torchao_config_name(w_bits, a_bits, in_features)
+        shape = (modules[name].in_features, modules[name].out_features)
+        config_name = torchao_config_name(w_bits, a_bits, *shape)
         chosen[name] = config_name
         if config_name is None:
             continue
         key = f"{config_name}:{w_bits}"
         groups.setdefault(key, []).append(name)
-        configs.setdefault(key, torchao_config(w_bits, a_bits, in_features))
+        configs.setdefault(key, torchao_config(w_bits, a_bits, *shape))
     for key, names in groups.items():
         selected = frozenset(names)
         quantize_(model, configs[key], filter_fn=lambda module, fqn, selected=selected: fqn in selected)

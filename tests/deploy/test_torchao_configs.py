@@ -76,6 +76,7 @@ def test_config_names_follow_the_table() -> None:
     assert torchao_config_name(8, None) == torchao_config_name(8, 16) == "Int8WeightOnlyConfig"
     assert torchao_config_name(4, None, in_features=64) == "PrototypeInt4WeightOnlyConfig"
     assert torchao_config_name(4, None, in_features=40) == "IntxWeightOnlyConfig"  # 40 is no multiple of 32
+    assert torchao_config_name(4, None, in_features=64, out_features=10) == "IntxWeightOnlyConfig"  # 10: not 16k
     assert torchao_config_name(2, 8) == "Int8DynamicActivationIntxWeightConfig"
     assert torchao_config_name(None, 8) is None and torchao_config_name(16, 16) is None
 

@@ -13,7 +13,6 @@ from torch import Tensor
 
 __all__ = ["pack_codes", "packed_nbytes", "unpack_codes"]
 
-_CHUNK = 1 << 20  # codes per step: bounds the temporary bit matrix (8 bytes of bits per code at most)
 
 
 def packed_nbytes(count: int, bits: int) -> int:
@@ -44,18 +43,16 @@ def pack_codes(codes: Tensor, bits: int, qmin: int) -> Tensor:
             f"codes span [{int(unsigned.min()) + qmin}, {int(unsigned.max()) + qmin}], outside the {bits}-bit range "
             f"[{qmin}, {qmin + (1 << bits) - 1}]"
         )
-    shifts = torch.arange(bits, dtype=torch.int64)
-    planes = torch.cat(
-        [
-            ((unsigned[i : i + _CHUNK, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
-            for i in range(0, len(unsigned), _CHUNK)
-        ]
-        or [torch.zeros(0, dtype=torch.uint8)]
-    )
-    padded = torch.zeros(packed_nbytes(unsigned.numel(), bits) * 8, dtype=torch.uint8)
-    padded[: planes.numel()] = planes
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.int32)
-    return (padded.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+    unsigned = unsigned.to(torch.uint8)
+    # Bit planes in uint8 throughout (int64 intermediates would take 8 bytes per bit of a large layer).
+    planes = torch.zeros(packed_nbytes(unsigned.numel(), bits) * 8, dtype=torch.uint8)
+    for i in range(bits):  # bit i of code j lands at position j * bits + i
+        planes[i : unsigned.numel() * bits : bits] = (unsigned >> i) & 1
+    planes = planes.reshape(-1, 8)
+    packed = planes[:, 0].clone()
+    for i in range(1, 8):
+        packed |= planes[:, i] << i
+    return packed
 
 
 def unpack_codes(packed: Tensor, bits: int, qmin: int, count: int) -> Tensor:
@@ -70,6 +67,11 @@ def unpack_codes(packed: Tensor, bits: int, qmin: int, count: int) -> Tensor:
             f"expected {packed_nbytes(count, bits)} packed bytes (uint8) for {count} codes of {bits} bits, got "
             f"{packed.numel()} {packed.dtype}"
         )
-    planes = ((packed[:, None].to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)[: count * bits]
-    weights = 1 << torch.arange(bits, dtype=torch.int64)
-    return (planes.reshape(count, bits).to(torch.int64) * weights).sum(dim=1) + qmin
+    planes = torch.empty(packed.numel(), 8, dtype=torch.uint8)
+    for i in range(8):
+        planes[:, i] = (packed >> i) & 1
+    planes = planes.reshape(-1)[: count * bits].reshape(count, bits)
+    codes = torch.zeros(count, dtype=torch.uint8)
+    for i in range(bits):
+        codes |= planes[:, i] << i
+    return codes.to(torch.int64) + qmin

@@ -25,11 +25,11 @@ SMALL_SWIN = {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": [1, 1
 FAMILIES = {
     # name: (backbone, model_kwargs, input size)
     "vgg11": ("cifar_vgg11_bn", {}, 32),
-    "mobilenet_v2": ("torchvision:mobilenet_v2", {}, 64),
-    "resnet18": ("torchvision:resnet18", {}, 64),
-    "resnet50": ("torchvision:resnet50", {}, 64),
+    "mobilenet_v2": ("torchvision:mobilenet_v2", {}, 32),
+    "resnet18": ("torchvision:resnet18", {}, 32),
+    "resnet50": ("torchvision:resnet50", {}, 32),
     "shufflenet_v2": ("cifar_shufflenetv2_x0_5", {}, 32),
-    "googlenet": ("torchvision:googlenet", {"aux_logits": False, "init_weights": False}, 64),
+    "googlenet": ("torchvision:googlenet", {"aux_logits": False, "init_weights": False}, 32),
     "mlp_mixer": ("mixer_s32_224", {"img_size": 64}, 64),
     "efficientnet": ("test_efficientnet", {}, 64),
     "convnext": ("test_convnext", {}, 64),

@@ -14,7 +14,6 @@ from torch import Tensor
 __all__ = ["pack_codes", "packed_nbytes", "unpack_codes"]
 
 
-
 def packed_nbytes(count: int, bits: int) -> int:
     """Bytes that ``count`` codes of ``bits`` bits take packed: ``ceil(count * bits / 8)``."""
     return (count * bits + 7) // 8

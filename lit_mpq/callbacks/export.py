@@ -8,10 +8,10 @@ At the end of a ``validate`` run (and of each sweep point) it writes, into the r
 - ``model.onnx``, the QDQ ONNX graph (:mod:`lit_mpq.deploy.onnx_export`), and, with ``evaluate_onnx``, its top-1 in
   ONNX Runtime on the validation images next to the run's own.
 
-A model that cannot be exported to ONNX (a quantizer without a QDQ form) gets a one-line warning saying which layer
-and why; the packed checkpoint is still written. The figures land in the run record (``results.json``'s ``export``)
-when ``Export`` is listed before ``Report``. By default ``Calibration`` folds BatchNorm when an ``Export`` is in the
-trainer (``Calibration.fold_batchnorm``).
+A model that cannot be exported to ONNX (a width above 8 bits, a weight-standardized layer) gets a one-line
+warning saying which layer and why; the packed checkpoint is still written. The figures land in the run record
+(``results.json``'s ``export``) when ``Export`` is listed before ``Report``. By default ``Calibration`` folds BatchNorm
+when an ``Export`` is in the trainer (``Calibration.fold_batchnorm``).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class Export(Callback):
         with torch.no_grad():
             result = evaluate_onnx(path, batches)
         run_top1 = trainer.callback_metrics.get("val/top1")
-        record["onnx"] |= {"top1": result["top1"], "images": result["images"], "providers": result["providers"]}
+        record["onnx"] |= {key: result[key] for key in ("top1", "images", "providers", "session_config")}
         message = f"model.onnx in ONNX Runtime: top-1 {result['top1']:.2f} % on {result['images']} images"
         if run_top1 is not None:
             record["onnx"]["top1_run"] = float(run_top1)

@@ -13,9 +13,10 @@ The exported graph is the QDQ ("quantize-dequantize") form ONNX Runtime's quanti
   into the bias, as a deployment does;
 - attention matmuls with plain affine quantizers get the same QDQ pair on both operands.
 
-Quantizers whose levels are not one affine grid (logarithmic softmax levels, twin-uniform grids, power-of-two channel
-factors, per-channel RepQ-ViT inputs) have no QDQ form: :func:`export_onnx` names them in a
-:class:`~lit_mpq.deploy.checkpoint.QuantizedExportError` instead of exporting something else.
+Quantizers whose levels are not one affine grid (logarithmic softmax levels, twin-uniform grids) are exported as
+the float operations of their own fake-quantizer (:class:`SimulatedInput`); per-channel inputs (RepQ-ViT's
+post-LayerNorm inputs, power-of-two channel factors) as torch's per-channel arithmetic (:class:`PerChannelInput`);
+a RepQ-ViT-folded Linear as the int8 codes of ``W diag(r1)`` divided by ``r1``, with the bias the simulation uses.
 
 :func:`onnx_model_for_export` builds the float module that torch's ONNX exporter (``torch.onnx.export``, the
 ``torch.export``-based one) turns into that graph: ``quantized_decomposed`` ops become ``QuantizeLinear`` and
@@ -38,7 +39,10 @@ from lit_mpq.deploy.checkpoint import QuantizedExportError, quantized_weight
 from lit_mpq.quant.apply import quant_layers
 from lit_mpq.quant.attention import QuantMatmul
 from lit_mpq.quant.functional import quant_range
+from lit_mpq.quant.layernorm import ChannelwiseActivationQuantizer
 from lit_mpq.quant.modules import ActivationQuantizer, QuantConv2d, QuantLayerMixin
+from lit_mpq.quant.power_of_two import PowerOfTwoFactorQuantizer
+from lit_mpq.quant.softmax import LogQuantizer
 
 __all__ = [
     "QDQInput",
@@ -199,7 +203,7 @@ def module_to_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, 
 class _QDQLayer(nn.Module):
     """A Conv2d or Linear with QDQ input and weight: what one quantized layer becomes in the ONNX graph."""
 
-    def __init__(self, layer: QuantLayerMixin, weight: QDQWeight | Tensor, input_qdq: nn.Module, bias: Tensor | None):
+    def __init__(self, layer: QuantLayerMixin, weight: nn.Module | Tensor, input_qdq: nn.Module, bias: Tensor | None):
         super().__init__()
         self.float_layer = layer.to_float()
         del self.float_layer.weight  # the kernel comes from the codes
@@ -207,7 +211,7 @@ class _QDQLayer(nn.Module):
         self.is_conv = isinstance(layer, QuantConv2d)
         self.pad = layer.pad_input
         self.input_qdq = input_qdq
-        if isinstance(weight, QDQWeight):
+        if isinstance(weight, nn.Module):
             self.weight_qdq = weight
         else:
             self.register_buffer("float_weight", weight.detach().clone())
@@ -221,25 +225,79 @@ class _QDQLayer(nn.Module):
         return F.linear(x, weight, self.float_layer.bias)
 
 
+class SimulatedInput(nn.Module):
+    """A quantizer without a QuantizeLinear form, exported as the float operations of its own fake-quantizer.
+
+    Logarithmic softmax levels (``Log``/``Exp`` of the ratio to the scale, ``Round``, ``Where`` for the zero code) and
+    twin-uniform grids (two ``Round``/``Clip`` branches and a ``Where``) become those ONNX ops: ONNX Runtime computes
+    the levels the run used, in float, with no integer kernel behind them.
+    """
+
+    def __init__(self, quantizer: ActivationQuantizer) -> None:
+        super().__init__()
+        self.quantizer, self.bits, self.mode = quantizer, quantizer.bits, "quant"
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.quantizer.quantize(x, self.bits)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{type(self.quantizer).__name__}, bits={self.bits}, simulated in float"
+
+
+class PerChannelInput(nn.Module):
+    """Per-channel (last dimension) affine fake-quantization spelled out in float ops, as torch computes it.
+
+    ``Mul`` by the reciprocal scale, ``Round``, ``Add``, ``Clip``, ``Sub``, ``Mul``.
+
+    torch's exporter has no translation of ``fake_quantize_per_channel_affine`` below 8 bits, and a channel-wise
+    QuantizeLinear along the last axis would divide where torch multiplies: these ops reproduce torch's rounding.
+    """
+
+    def __init__(self, scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float().clone())
+        self.register_buffer("inverse", (1.0 / scale.detach().float()).clone())
+        self.register_buffer("zero_point", zero_point.detach().float().clone())
+        self.qmin, self.qmax = quant_range(bits, symmetric)
+        self.bits, self.mode = bits, "quant"
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        q = torch.clamp(torch.round(x * self.inverse) + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * self.scale
+
+
 def _input_qdq(name: str, quantizer: ActivationQuantizer) -> nn.Module:
     if quantizer.mode != "quant" or quantizer.bits is None:
         return nn.Identity()
-    if type(quantizer) is not ActivationQuantizer:
-        raise QuantizedExportError(
-            f"{name}: a {type(quantizer).__name__} has no QuantizeLinear/DequantizeLinear form (its levels are not one "
-            "affine grid); export models calibrated with plain observers there, or keep that tensor in float"
-        )
     if quantizer.bits > 8:
         raise QuantizedExportError(f"{name}: {quantizer.bits}-bit inputs do not fit ONNX Runtime's 8-bit containers")
+    if isinstance(quantizer, ChannelwiseActivationQuantizer | PowerOfTwoFactorQuantizer):
+        scale, zero_point = quantizer.qparams(quantizer.bits)
+        return PerChannelInput(scale, zero_point, quantizer.bits, quantizer.symmetric)
+    uniform_softmax = isinstance(quantizer, LogQuantizer) and quantizer.is_uniform(quantizer.bits)
+    if type(quantizer) is not ActivationQuantizer and not uniform_softmax:  # no single affine grid
+        return SimulatedInput(quantizer)
     scale, zero_point = quantizer.qparams(quantizer.bits)
     return QDQInput(float(scale), int(zero_point), quantizer.bits, quantizer.symmetric)
+
+
+class _ReparameterizedWeight(nn.Module):
+    """A RepQ-ViT-folded Linear's kernel: the int8 codes of ``W diag(r1)``, dequantized, divided by ``r1``."""
+
+    def __init__(self, weight: QDQWeight, r1: Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+        self.register_buffer("r1", r1.detach().clone())
+
+    def forward(self) -> Tensor:  # noqa: D102
+        return self.weight() / self.r1
 
 
 def onnx_model_for_export(model: nn.Module) -> nn.Module:
     """A copy of the quantized ``model`` in which every quantized layer is a QDQ layer (see the module docstring).
 
     Raises:
-        QuantizedExportError: If a quantizer has no QDQ form, or a width is above 8 bits.
+        QuantizedExportError: If a width is above 8 bits, or a weight cannot be represented exactly.
     """
     exported = copy.deepcopy(model).eval()
     for name, layer in quant_layers(exported).items():
@@ -253,10 +311,11 @@ def onnx_model_for_export(model: nn.Module) -> nn.Module:
         if quantizer.mode == "quant" and quantizer.bits is not None:
             if quantizer.bits > 8:
                 raise QuantizedExportError(f"{name}: {quantizer.bits}-bit weights do not fit ONNX's int8 container")
-            codes, scale, zero_point, shift, reparam = quantized_weight(name, layer, quantizer.bits)
-            if reparam:
-                raise QuantizedExportError(f"{name}: RepQ-ViT per-channel inputs have no QDQ form yet")
+            codes, scale, zero_point, shift, reparam_bias = quantized_weight(name, layer, quantizer.bits)
             weight = QDQWeight(codes, scale, zero_point, quantizer.bits, quantizer.symmetric)
+            if reparam_bias is not None:  # the unfolded layer of the simulation: Q(W')/r1 and its bias, as computed
+                weight = _ReparameterizedWeight(weight, layer._reparameterization(active=True).r1.to(layer.weight))
+                bias = reparam_bias
             if shift is not None:
                 bias = shift if bias is None else bias + shift
         else:
@@ -279,7 +338,7 @@ def export_onnx(
         opset: The ONNX opset (18: QuantizeLinear with per-axis scales, and every op torch emits for ViTs).
 
     Raises:
-        QuantizedExportError: If the model holds a quantizer without a QDQ form.
+        QuantizedExportError: If a width is above 8 bits, or a weight cannot be represented exactly.
     """
     # Lightning runs its end-of-validation hooks under inference mode, whose tensors carry no version counter (the
     # weight caches key on it) and cannot be traced: the copy and the trace are made outside it.
@@ -293,23 +352,50 @@ def _export(model: nn.Module, path: Path, input_size: tuple[int, ...], opset: in
     return module_to_onnx(exportable, torch.zeros(2, *input_size, device=device), path, opset)
 
 
-def evaluate_onnx(
-    path: str | os.PathLike, batches: Iterable[tuple[Tensor, Tensor]], threads: int | None = None
-) -> dict:
-    """Top-1 of the ONNX file in ONNX Runtime (CPU) over labelled ``(images, labels)`` batches.
+EXACT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
+"""ONNX Runtime session entries under which it computes the exported graph as exported.
 
-    Returns:
-        ``{"top1": percent, "images": count, "providers": [...]}``.
-    """
+ORT fuses a 4-bit ``DequantizeLinear`` weight and its ``MatMul`` into ``MatMulNBits``, and at its default accuracy
+level (4, ONNX Runtime 1.32) that kernel quantizes the *activations* to int8 on the fly: a DeiT-recipe test ViT then
+moves its logits by 25 % of their size. Level 1 keeps the fused kernel and computes in float32: the logits are the
+fake-quantized model's, bit for bit, on that test."""
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, exact: bool = True):  # noqa: ANN201
+    """An ONNX Runtime CPU session for ``path``; ``exact`` applies :data:`EXACT_SESSION_CONFIG`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for key, value in (EXACT_SESSION_CONFIG if exact else {}).items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def evaluate_onnx(
+    path: str | os.PathLike, batches: Iterable[tuple[Tensor, Tensor]], threads: int | None = None, exact: bool = True
+) -> dict:
+    """Top-1 of the ONNX file in ONNX Runtime (CPU) over labelled ``(images, labels)`` batches.
+
+    Args:
+        path: The ``.onnx`` file (input ``images``, output ``logits``).
+        batches: ``(images, labels)`` pairs.
+        threads: Intra-op threads (default: ONNX Runtime's choice).
+        exact: Run with :data:`EXACT_SESSION_CONFIG` (ORT's default otherwise).
+
+    Returns:
+        ``{"top1": percent, "images": count, "providers": [...], "session_config": {...}}``.
+    """
+    session = onnx_session(path, threads, exact)
     correct = total = 0
     for images, labels in batches:
         logits = session.run(["logits"], {"images": images.detach().cpu().float().numpy()})[0]
         correct += int((torch.from_numpy(logits).argmax(dim=1) == labels.cpu()).sum())
         total += int(labels.numel())
-    return {"top1": 100.0 * correct / max(total, 1), "images": total, "providers": session.get_providers()}
+    return {
+        "top1": 100.0 * correct / max(total, 1),
+        "images": total,
+        "providers": session.get_providers(),
+        "session_config": dict(EXACT_SESSION_CONFIG if exact else {}),
+    }

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from lit_mpq.deploy.checkpoint import QuantizedExportError, quantized_weight
-from lit_mpq.deploy.onnx_export import QDQInput, export_onnx, module_to_onnx
+from lit_mpq.deploy.checkpoint import quantized_weight
+from lit_mpq.deploy.onnx_export import (
+    PerChannelInput,
+    QDQInput,
+    export_onnx,
+    module_to_onnx,
+    onnx_model_for_export,
+    onnx_session,
+)
 from lit_mpq.quant.apply import QuantSettings, quant_layers
 from lit_mpq.quant.functional import fake_quantize, quant_range
 
@@ -78,10 +85,49 @@ def test_a_vit_with_plain_quantizers_exports_its_attention_matmuls(tmp_path, cal
     assert float((got - reference).abs().max()) <= 0.05 * float(reference.abs().max())
 
 
-def test_a_quantizer_without_a_qdq_form_is_named(tmp_path, calibrated):
+def test_the_vit_recipe_exports_with_its_special_quantizers_simulated_in_float(tmp_path, calibrated):
+    """configs/deit.yaml's quantizers: log-sqrt2 softmax with its mean zero code, twin-uniform fc2 inputs, RepQ-ViT."""
     timm = pytest.importorskip("timm")
-
+    settings = QuantSettings(
+        act_observer="mse",
+        weight_observer="mse",
+        softmax_quantizer="log_sqrt2",
+        softmax_uniform_from_bits=6,
+        softmax_underflow="mean",
+        post_layernorm="reparam_mse",
+        act_observer_overrides=((r"blocks\..*\.mlp\.fc2", "twin_uniform"),),
+    )
+    torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False).eval()
-    calibrated(model, QuantSettings(softmax_quantizer="log2"), 32, seed=7, a_bits=(4,))
-    with pytest.raises(QuantizedExportError, match=r"blocks\.0\.attn\.matmul_av \(left operand\): a LogQuantizer"):
-        export_onnx(model, tmp_path / "vit.onnx", (3, 32, 32))
+    _, x = calibrated(model, settings, 32, seed=8, a_bits=(4,))
+    with torch.no_grad():
+        reference = model(x)
+        assert torch.equal(onnx_model_for_export(model)(x), reference)  # the exported module is the run's model
+    path = export_onnx(model, tmp_path / "vit.onnx", (3, 32, 32))
+    kinds = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert "Log" in kinds or "Exp" in kinds  # logarithmic softmax levels, as float ops
+    # Under EXACT_SESSION_CONFIG ONNX Runtime computes the run's logits on this model (ties could differ elsewhere:
+    # ORT divides by a scale where torch multiplies by its reciprocal).
+    session = onnx_session(path)
+    got = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+    assert float((got - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    # ORT's default accuracy level quantizes the activations of its fused 4-bit MatMulNBits kernels to int8.
+    default = torch.from_numpy(onnx_session(path, exact=False).run(["logits"], {"images": x.numpy()})[0])
+    assert float((default - reference).abs().max()) > 100 * float((got - reference).abs().max())
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_a_per_channel_input_in_onnx_runtime_equals_torch_bit_for_bit(tmp_path, bits):
+    from lit_mpq.quant.layernorm import ChannelwiseActivationQuantizer, ChannelwiseMinMaxObserver
+
+    quantizer = ChannelwiseActivationQuantizer(ChannelwiseMinMaxObserver(6, symmetric=False), bits)
+    quantizer.set_mode("observe")
+    x = torch.randn(2, 5, 6) * torch.tensor([0.1, 1, 3, 0.5, 2, 8])
+    quantizer(x)
+    quantizer.set_mode("quant")
+    path = module_to_onnx(
+        torch.nn.Sequential(PerChannelInput(*quantizer.qparams(bits), bits, False)), x, tmp_path / "c.onnx"
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert torch.equal(got, quantizer.quantize(x, bits))

@@ -327,3 +327,19 @@ def test_probe_cache_hit_skips_probing_and_gives_the_same_table(tmp_path):
     assert card1["calibration"]["seed"] == 0 and card3["calibration"]["seed"] == 1
     assert card1["seed_everything"] == card3["seed_everything"] == 0
     assert json.loads((third / "sensitivity.json").read_text()) != json.loads((first / "sensitivity.json").read_text())
+
+
+def test_the_variance_policy_reads_the_weights_through_the_allocator(tmp_path):
+    """VarianceMixed from YAML: the BitAllocator hands it the model, and the lower-variance half gets the low width."""
+    import torch
+
+    edit = set_callback_arg(2, "policy", {"class_path": "lit_mpq.allocation.VarianceMixed"})
+    cli, out = run_validate(tmp_path, edited_config(tmp_path, "default.yaml", edit))
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    free = [row for row in plan["layers"] if not row["pinned"]]
+    names = {row["name"] for row in free}
+    modules = dict(cli.model.model.named_modules())
+    variances = {name: float(modules[name].weight.detach().double().var(unbiased=False)) for name in names}
+    threshold = float(torch.tensor(list(variances.values()), dtype=torch.float64).quantile(0.5))
+    for row in free:
+        assert row["w_bits"] == (4 if variances[row["name"]] < threshold else 8), row["name"]

@@ -96,6 +96,8 @@ class BitAllocator(Callback):
         plan = require_plan(pl_module, "BitAllocator")
         start = timer()
         pinned = pin_layers(plan, self.first_last_bits, self.overrides)
+        if getattr(self.policy, "requires_weights", False):  # e.g. VarianceMixed: a statistic of each layer's weight
+            self.policy.observe(pl_module.model, plan)
         decision = self.policy.allocate(plan, energy_model_of(trainer))
         if not self.policy.overrides_pins:
             decision = {name: bits for name, bits in decision.items() if not plan[name].pinned}

@@ -26,7 +26,6 @@ FAMILIES = {
     # name: (backbone, model_kwargs, input size)
     "vgg11": ("cifar_vgg11_bn", {}, 32),
     "mobilenet_v2": ("torchvision:mobilenet_v2", {}, 32),
-    "resnet18": ("torchvision:resnet18", {}, 32),
     "resnet50": ("torchvision:resnet50", {}, 32),
     "shufflenet_v2": ("cifar_shufflenetv2_x0_5", {}, 32),
     "googlenet": ("torchvision:googlenet", {"aux_logits": False, "init_weights": False}, 32),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -50,7 +51,7 @@ from lit_mpq.quant.apply import (
     quantize_model,
 )
 from lit_mpq.quant.batchnorm import fold_batchnorm
-from lit_mpq.quant.functional import quant_range
+from lit_mpq.quant.functional import _broadcast, dequantize, quant_range
 from lit_mpq.quant.modules import ActivationQuantizer, QuantLayerMixin, QuantLinear
 from lit_mpq.quant.weights import weight_qparams
 
@@ -212,17 +213,11 @@ class _Blobs:
 
 
 def _nbytes(blobs: Mapping[str, Tensor], entry: Mapping[str, Any]) -> int:
-    count = 1
-    for size in entry["shape"]:
-        count *= size
-    return count * blobs[entry["dtype"]].element_size()
+    return math.prod(entry["shape"]) * blobs[entry["dtype"]].element_size()
 
 
 def _take(blobs: Mapping[str, Tensor], entry: Mapping[str, Any]) -> Tensor:
-    count = 1
-    for size in entry["shape"]:
-        count *= size
-    flat = blobs[entry["dtype"]][entry["offset"] : entry["offset"] + count]
+    flat = blobs[entry["dtype"]][entry["offset"] : entry["offset"] + math.prod(entry["shape"])]
     return flat.reshape(entry["shape"]).clone()
 
 
@@ -273,11 +268,9 @@ def quantized_weight(
             quantized = layer.quantize_weight(bits)
             scale, zero_point = quantizer.qparams(source, bits, layer.weight_version())
         qmin, qmax = quant_range(bits, quantizer.symmetric)
-        shape = [-1] + [1] * (quantized.dim() - 1) if scale.dim() == 1 else []
-        scale_b = scale.reshape(shape) if shape else scale
-        zero_b = zero_point.reshape(shape) if shape else zero_point
-        codes = torch.round(quantized / scale_b) + zero_b
-        dequantized = (codes - zero_b) * scale_b
+        axis = 0 if scale.dim() == 1 else None
+        codes = torch.round(quantized / _broadcast(scale, quantized, axis)) + _broadcast(zero_point, quantized, axis)
+        dequantized = dequantize(codes, scale, zero_point, axis)
         if not torch.equal(dequantized, quantized) or int(codes.min()) < qmin or int(codes.max()) > qmax:
             raise QuantizedExportError(
                 f"layer {name!r}: its quantized weight is not exactly scale·(code - zero point) on its {bits}-bit grid "
@@ -553,10 +546,8 @@ def load_quantized(source: str | os.PathLike | Mapping[str, Any], model: nn.Modu
         )
         scale = _take(blobs, entry["scale"]).to(device)
         zero_point = _take(blobs, entry["zero_point"]).to(device) if "zero_point" in entry else torch.zeros_like(scale)
-        shape = [-1] + [1] * (len(entry["shape"]) - 1) if scale.dim() == 1 else []
-        if shape:
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        quantized = (flat.reshape(entry["shape"]).to(device).float() - zero_point.float()) * scale
+        axis = 0 if scale.dim() == 1 else None
+        quantized = dequantize(flat.reshape(entry["shape"]).to(device), scale, zero_point, axis)
         bits = entry["bits"]
         with torch.no_grad():
             if "reparam_bias" in entry:
@@ -569,10 +560,7 @@ def load_quantized(source: str | os.PathLike | Mapping[str, Any], model: nn.Modu
                 source = layer.weight
         # The weight is its own dequantized codes: keep the stored grid rather than derive one from it.
         layer.weight_quantizer.set_rounded(bits, source, quantized)
-        layer.weight_quantizer.fixed_qparams[bits] = (
-            scale.reshape(-1) if shape else scale,
-            zero_point.reshape(-1).long() if shape else zero_point.long(),
-        )
+        layer.weight_quantizer.fixed_qparams[bits] = (scale, zero_point.long())
         if "output_shift" in entry:
             layer.bias_correction = FrozenOutputShift(_take(blobs, entry["output_shift"]).to(device))
     card = yaml.safe_load(_untext(content["card"])) or {}

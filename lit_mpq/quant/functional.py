@@ -98,6 +98,16 @@ def quantize_dequantize(
     return (q - zp) * _broadcast(scale.to(x.dtype), x, axis)
 
 
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
+    """``(codes - zero_point) * scale`` in float32, per channel along ``axis``.
+
+    Bit for bit the values :func:`quantize_dequantize` gives for inputs that round to ``codes``.
+    """
+    codes = codes.float()
+    zero_point = _broadcast(zero_point.to(codes.dtype), codes, axis)
+    return (codes - zero_point) * _broadcast(scale.to(codes.dtype), codes, axis)
+
+
 def _fused(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
     scale = scale.to(device=x.device, dtype=torch.float32)
     zero_point = zero_point.to(device=x.device, dtype=torch.int32)

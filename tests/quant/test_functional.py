@@ -24,6 +24,7 @@ from torch.ao.quantization.observer import MinMaxObserver as AoMinMaxObserver
 from torch.ao.quantization.observer import PerChannelMinMaxObserver as AoPerChannelMinMaxObserver
 
 from lit_mpq.quant.functional import (
+    dequantize,
     fake_quantize,
     qparams_from_range,
     quant_range,
@@ -326,3 +327,19 @@ def test_quantization_mse_equals_hand_loop(axis):
         xc = x.select(axis, c)
         ref = ((torch.fake_quantize_per_tensor_affine(xc, float(scale[c]), 0, qmin, qmax) - xc) ** 2).mean()
         assert got[c].item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_dequantize_of_the_codes_is_torchs_fake_quantize_bit_for_bit(axis):
+    torch.manual_seed(0)
+    x = torch.randn(4, 7) * 3
+    scale = torch.rand(4) * 0.1 + 0.01 if axis == 0 else torch.tensor(0.05)
+    zero_point = torch.randint(-3, 4, (4,)) if axis == 0 else torch.tensor(2)
+    if axis == 0:
+        reference = torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), 0, -8, 7)
+        inv = (1.0 / scale).reshape(-1, 1)
+        codes = torch.clamp(torch.round(x * inv) + zero_point.reshape(-1, 1), -8, 7)
+    else:
+        reference = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), -8, 7)
+        codes = torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, -8, 7)
+    assert torch.equal(dequantize(codes.long(), scale, zero_point, axis), reference)

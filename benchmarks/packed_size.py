@@ -28,10 +28,9 @@ from lit_mpq.quant.apply import (
     QuantSettings,
     apply_plan,
     apply_post_layernorm,
-    invalidate_qparams,
+    calibrate,
     measure_model,
     quantize_model,
-    set_mode,
 )
 from lit_mpq.quant.batchnorm import fold_batchnorm
 
@@ -68,11 +67,7 @@ def prepared(name: str):
         for layer in model.modules():
             if hasattr(layer, "enable_bias_correction"):
                 layer.enable_bias_correction()
-    set_mode(model, weights="off", activations="observe")
-    with torch.no_grad():
-        model(images)
-    set_mode(model, weights="off", activations="off")
-    invalidate_qparams(model)
+    calibrate(model, [images])
     return model, plan, settings, pairs, size, images[:8]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -616,6 +616,28 @@ def invalidate_qparams(model: nn.Module) -> None:
     """Forget cached quantization parameters (after statistics changed outside ``observe`` mode, e.g. a sync)."""
     for quantizer in _quantizers(model):
         quantizer._cache.clear()
+
+
+def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Record activation statistics over ``batches`` (no gradient), then leave every quantizer off.
+
+    The single-process form of the ``Calibration`` callback's pass (which also merges statistics across ranks):
+    cached parameters are forgotten afterwards, so the next quantized forward derives them from the new statistics.
+
+    Returns:
+        The number of images seen.
+    """
+    seen = 0
+    set_mode(model, weights="off", activations="observe")
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                seen += int(x.shape[0])
+    finally:
+        set_mode(model, weights="off", activations="off")
+    invalidate_qparams(model)
+    return seen
 
 
 def current_modes(model: nn.Module) -> list[tuple[nn.Module, str]]:

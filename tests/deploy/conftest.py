@@ -13,18 +13,29 @@ from lit_mpq.quant.apply import (
     QuantSettings,
     apply_plan,
     apply_post_layernorm,
-    invalidate_qparams,
+    calibrate,
     measure_model,
     quantize_model,
-    set_mode,
 )
 from lit_mpq.quant.batchnorm import fold_batchnorm
 from lit_mpq.quant.modules import is_quant_layer
 
 RESNET_SETTINGS = QuantSettings(act_observer="mse", bias_correction=True)
 
+VIT_RECIPE = QuantSettings(
+    act_observer="mse",
+    weight_observer="mse",
+    softmax_quantizer="log_sqrt2",
+    softmax_uniform_from_bits=6,
+    softmax_underflow="mean",
+    post_layernorm="reparam_mse",
+    act_observer_overrides=((r"blocks\..*\.mlp\.fc2", "twin_uniform"),),
+)
+"""configs/deit.yaml's calibration settings: every special quantizer (log-sqrt2 softmax with its mean zero code,
+twin-uniform fc2 inputs, RepQ-ViT reparam_mse) and the attention matmuls."""
 
-def calibrate(model: nn.Module, settings: QuantSettings, size: int, seed: int, a_bits=(3, 4, 6, 8)):
+
+def calibrated_model(model: nn.Module, settings: QuantSettings, size: int, seed: int, a_bits=(3, 4, 6, 8)):
     """Quantizers in, calibrated on random images, a random mixed 2-8-bit plan applied; returns the plan and inputs."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -38,11 +49,7 @@ def calibrate(model: nn.Module, settings: QuantSettings, size: int, seed: int, a
             if is_quant_layer(module):
                 module.enable_bias_correction()
     x = torch.randn(16, 3, size, size)
-    set_mode(model, weights="off", activations="observe")
-    with torch.no_grad():
-        model(x[:8])
-    set_mode(model, weights="off", activations="off")
-    invalidate_qparams(model)
+    calibrate(model, [x[:8]])
     for name in plan.names:
         plan[name].w_bits = rng.choice([2, 3, 4, 5, 6, 8])
         plan[name].a_bits = rng.choice(a_bits)
@@ -54,17 +61,23 @@ def resnet(seed: int = 0, settings: QuantSettings = RESNET_SETTINGS):
     torch.manual_seed(seed)
     model = create_backbone("cifar_resnet20").eval()
     pairs = fold_batchnorm(model, torch.zeros(1, 3, 32, 32))
-    plan, x = calibrate(model, settings, 32, seed)
+    plan, x = calibrated_model(model, settings, 32, seed)
     return model, plan, x, pairs
 
 
 @pytest.fixture
 def calibrated():
-    """``calibrate(model, settings, size, seed, a_bits)``: quantizers in, calibrated, a random plan applied."""
-    return calibrate
+    """``calibrated(model, settings, size, seed, a_bits)``: quantizers in, calibrated, a random plan applied."""
+    return calibrated_model
 
 
 @pytest.fixture
 def calibrated_resnet():
     """``resnet(seed, settings)``: a BN-folded, calibrated CIFAR ResNet-20 (random weights) at a random plan."""
     return resnet
+
+
+@pytest.fixture
+def vit_recipe() -> QuantSettings:
+    """:data:`VIT_RECIPE`."""
+    return VIT_RECIPE

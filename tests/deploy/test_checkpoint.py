@@ -22,15 +22,6 @@ from lit_mpq.quant.functional import quant_range
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 RESNET_SETTINGS = QuantSettings(act_observer="mse", bias_correction=True)
-VIT_SETTINGS = QuantSettings(
-    act_observer="mse",
-    weight_observer="mse",
-    softmax_quantizer="log_sqrt2",
-    softmax_uniform_from_bits=6,
-    softmax_underflow="mean",
-    post_layernorm="reparam_mse",
-    act_observer_overrides=((r"blocks\..*\.mlp\.fc2", "twin_uniform"),),
-)
 
 
 def write(model, plan, settings, tmp_path, backbone="cifar_resnet20", size=32, pairs=(), classes=10):
@@ -79,17 +70,17 @@ def test_a_data_driven_rounding_survives_the_round_trip(tmp_path, calibrated_res
         assert torch.equal(load_quantized(tmp_path / "quantized.pt").model(x), reference)
 
 
-def test_vit_with_every_special_quantizer_reloads_bit_identical(tmp_path, calibrated):
+def test_vit_with_every_special_quantizer_reloads_bit_identical(tmp_path, calibrated, vit_recipe):
     """Attention matmuls, log-sqrt2 softmax with its mean zero code, twin-uniform fc2, RepQ-ViT reparam_mse inputs."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False).eval()
-    plan, x = calibrated(model, VIT_SETTINGS, 32, seed=2, a_bits=(4, 6, 8))
+    plan, x = calibrated(model, vit_recipe, 32, seed=2, a_bits=(4, 6, 8))
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"LogQuantizer", "TwinUniformQuantizer", "ChannelwiseActivationQuantizer"} <= kinds
     with torch.no_grad():
         reference = model(x)
-    write(model, plan, VIT_SETTINGS, tmp_path, backbone="test_vit", classes=model.num_classes)
+    write(model, plan, vit_recipe, tmp_path, backbone="test_vit", classes=model.num_classes)
     fresh = timm.create_model("test_vit", pretrained=False).eval()
     loaded = load_quantized(tmp_path / "quantized.pt", model=fresh)
     with torch.no_grad():

@@ -85,21 +85,12 @@ def test_a_vit_with_plain_quantizers_exports_its_attention_matmuls(tmp_path, cal
     assert float((got - reference).abs().max()) <= 0.05 * float(reference.abs().max())
 
 
-def test_the_vit_recipe_exports_with_its_special_quantizers_simulated_in_float(tmp_path, calibrated):
+def test_the_vit_recipe_exports_with_its_special_quantizers_simulated_in_float(tmp_path, calibrated, vit_recipe):
     """configs/deit.yaml's quantizers: log-sqrt2 softmax with its mean zero code, twin-uniform fc2 inputs, RepQ-ViT."""
     timm = pytest.importorskip("timm")
-    settings = QuantSettings(
-        act_observer="mse",
-        weight_observer="mse",
-        softmax_quantizer="log_sqrt2",
-        softmax_uniform_from_bits=6,
-        softmax_underflow="mean",
-        post_layernorm="reparam_mse",
-        act_observer_overrides=((r"blocks\..*\.mlp\.fc2", "twin_uniform"),),
-    )
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False).eval()
-    _, x = calibrated(model, settings, 32, seed=8, a_bits=(4,))
+    _, x = calibrated(model, vit_recipe, 32, seed=8, a_bits=(4,))
     with torch.no_grad():
         reference = model(x)
         assert torch.equal(onnx_model_for_export(model)(x), reference)  # the exported module is the run's model

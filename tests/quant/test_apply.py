@@ -17,6 +17,7 @@ from lit_mpq.quant.apply import (
     NOT_CALLED,
     QuantSettings,
     apply_plan,
+    calibrate,
     current_modes,
     measure_layers,
     measure_model,
@@ -575,3 +576,15 @@ def test_quantizer_types_exported():
     quantize_model(model, QuantSettings())
     assert isinstance(model.stem.weight_quantizer, WeightQuantizer)
     assert isinstance(model.stem.input_quantizer, ActivationQuantizer)
+
+
+def test_calibrate_records_the_input_range_and_leaves_every_quantizer_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    quantize_model(model, QuantSettings(act_observer="minmax"))
+    batches = [torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8) * 2]
+    assert calibrate(model, batches) == 5
+    observer = model[0].input_quantizer.observer
+    every = torch.cat(batches)
+    assert float(observer.min_val) == float(every.min()) and float(observer.max_val) == float(every.max())
+    assert {mode for _, mode in current_modes(model)} == {"off"}

@@ -49,6 +49,9 @@ class LayerSpec:
         act_other: Elements per image of a matmul's right-hand operand (k or v), 0 for a weight layer. A matmul row's
             ``w_bits`` is that operand's bit width: it plays the part a weight plays in a Linear (the stationary
             operand of the product), but it is an activation, read per image and never stored.
+        nonzero_params: Weights that are not zero after pruning (:mod:`lit_mpq.pruning`), or ``None`` when nobody
+            counted them (a dense layer, as in every plan written before pruning existed). Written to YAML only when
+            set, so plans without pruning read and write as before.
     """
 
     name: str
@@ -59,11 +62,21 @@ class LayerSpec:
     act_out: int
     weight_shape: tuple[int, ...] = ()
     act_other: int = 0
+    nonzero_params: int | None = None
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weights that are not zero (1.0 when :attr:`nonzero_params` is unknown or there are none)."""
+        if self.nonzero_params is None or self.params == 0:
+            return 1.0
+        return self.nonzero_params / self.params
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form for YAML/JSON."""
+        """Plain-data form for YAML/JSON (``nonzero_params`` only when set)."""
         data = asdict(self)
         data["weight_shape"] = list(self.weight_shape)
+        if self.nonzero_params is None:
+            del data["nonzero_params"]
         return data
 
     @classmethod
@@ -78,6 +91,7 @@ class LayerSpec:
             act_out=int(data["act_out"]),
             weight_shape=tuple(int(d) for d in data.get("weight_shape", ())),
             act_other=int(data.get("act_other", 0)),
+            nonzero_params=None if data.get("nonzero_params") is None else int(data["nonzero_params"]),
         )
 
 

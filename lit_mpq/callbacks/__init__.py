@@ -5,6 +5,7 @@ from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.export import Export
 from lit_mpq.callbacks.label_aware import LabelAwareEvaluation
+from lit_mpq.callbacks.pruning import Pruning
 from lit_mpq.callbacks.refinement import AttentionRefinement
 from lit_mpq.callbacks.report import Report
 from lit_mpq.callbacks.rounding import WeightRounding
@@ -18,6 +19,7 @@ __all__ = [
     "EnergyMeter",
     "Export",
     "LabelAwareEvaluation",
+    "Pruning",
     "Report",
     "SensitivityProbe",
     "WeightRounding",

@@ -33,7 +33,7 @@ from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_plan, 
 from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.report import Report
-from lit_mpq.energy.sparsity import INDEX_FORMATS, sparsity_report
+from lit_mpq.energy.sparsity import INDEX_FORMATS, SparsityAwareEnergyModel, sparsity_report
 from lit_mpq.pruning import SCOPES, annotate_nonzeros, classifier_layers, magnitude_prune, prune_channels
 from lit_mpq.pruning.magnitude import check_amount
 from lit_mpq.report.files import write_results_json
@@ -55,7 +55,9 @@ class Pruning(Callback):
         ignored_layers: Names or ``"re:<regex>"`` patterns of Conv2d/Linear layers left alone; default (null): the
             classifier head(s). Structured pruning always keeps the classifier's outputs (the classes).
         index_format: Compressed weight format of the sparsity-aware energy: ``"bitmap"`` (1 bit per weight position)
-            or ``"csr"`` (column indices and row pointers); see :mod:`lit_mpq.energy.sparsity`.
+            or ``"csr"`` (column indices and row pointers); see :mod:`lit_mpq.energy.sparsity`. When the
+            ``EnergyMeter`` prices with a :class:`~lit_mpq.energy.sparsity.SparsityAwareEnergyModel`, its format must
+            be the same.
 
     Raises:
         ValueError: On an unknown method, scope or index format, or an amount outside [0, 1).
@@ -111,6 +113,12 @@ class Pruning(Callback):
             raise MisconfigurationException(
                 "Pruning must come before Calibration in trainer.callbacks: the quantized layers and the plan are made "
                 "from the pruned model"
+            )
+        meter_model = energy_model_of(trainer)
+        if isinstance(meter_model, SparsityAwareEnergyModel) and meter_model.index_format != self.index_format:
+            raise MisconfigurationException(
+                f"Pruning.index_format={self.index_format!r} but the EnergyMeter's SparsityAwareEnergyModel stores "
+                f"weights as {meter_model.index_format!r}: set both to the same format"
             )
         if getattr(pl_module, "quantization_frozen", False) or getattr(pl_module, "plan", None) is not None:
             if self._pruned is pl_module.model:  # a sweep's next point: pruned already

@@ -147,16 +147,29 @@ def test_structured_pruning_shrinks_the_plan_to_the_hand_count(tmp_path):
     assert pruning["sparse"]["total_uj_per_image"] == pytest.approx(pruning["dense"]["total_uj_per_image"])
 
 
-def test_pruning_after_calibration_is_refused(tmp_path, capsys):
-    config = yaml.safe_load(config_with_pruning(tmp_path, amount=0.3).read_text())
-    callbacks = config["trainer"]["callbacks"]
-    callbacks[0], callbacks[1] = callbacks[1], callbacks[0]
-    path = tmp_path / "wrong_order.yaml"
+def refusal(tmp_path: Path, config: dict, capsys) -> str:
+    """Run ``config`` and return the one-line error of the exit with status 2 that it must end in."""
+    path = tmp_path / "refused.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exc:
         main(["validate", *cli_args(tmp_path, path)])
     assert exc.value.code == 2
-    assert "Pruning must come before Calibration" in capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_pruning_after_calibration_is_refused(tmp_path, capsys):
+    config = yaml.safe_load(config_with_pruning(tmp_path, amount=0.3).read_text())
+    callbacks = config["trainer"]["callbacks"]
+    callbacks[0], callbacks[1] = callbacks[1], callbacks[0]
+    assert "Pruning must come before Calibration" in refusal(tmp_path, config, capsys)
+
+
+def test_a_sparse_energy_meter_with_another_index_format_is_refused(tmp_path, capsys):
+    config = yaml.safe_load(config_with_pruning(tmp_path, amount=0.3, index_format="bitmap").read_text())
+    meter = next(cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("EnergyMeter"))
+    sparse = {"class_path": "lit_mpq.energy.sparsity.SparsityAwareEnergyModel", "init_args": {"index_format": "csr"}}
+    meter["init_args"] = {"energy_model": sparse}
+    assert "set both to the same format" in refusal(tmp_path, config, capsys)
 
 
 @pytest.mark.parametrize(

@@ -39,8 +39,9 @@ from _runs import cached_batches, evenly_spaced, imagenet_data, quiet_run_args
 from torch import nn
 
 from lit_mpq.allocation import ExactAllocation, LinearLowBits, Policy, Uniform, VarianceMixed
-from lit_mpq.callbacks import BitAllocator, Export, Report, SensitivityProbe
+from lit_mpq.callbacks import BitAllocator, Export, Report, SensitivityProbe, WeightRounding
 from lit_mpq.cli import main as cli_main
+from lit_mpq.deploy.onnx_export import EXACT_SESSION_CONFIG
 from lit_mpq.deploy.torchao_configs import apply_torchao_plan
 from lit_mpq.energy import HorowitzEnergyModel, plan_energy
 from lit_mpq.models import create_backbone, load_checkpoint
@@ -164,6 +165,21 @@ def top1_torch(model: Callable[[torch.Tensor], torch.Tensor], batches, dtype: to
 
 
 # ----------------------------------------------------------------------------------------------- ONNX Runtime
+def export_fp32_onnx(model: nn.Module, input_size: tuple[int, ...], path: Path) -> Path:
+    """The float model as ONNX (opset 18, dynamic batch), the FP32 baseline of the ORT rows."""
+    torch.onnx.export(
+        model,
+        torch.zeros(2, *input_size),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=18,
+        dynamo=False,
+    )
+    return path
+
+
 def ort_session(path: Path, optimized: Path | None = None, arena: bool = True):
     import onnxruntime as ort
 
@@ -174,6 +190,8 @@ def ort_session(path: Path, optimized: Path | None = None, arena: bool = True):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in EXACT_SESSION_CONFIG.items():  # 4-bit MatMulNBits on float inputs, not int8 on the fly
+        options.add_session_config_entry(key, value)
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -234,8 +252,21 @@ def cifar_arrays(path: Path, count: int | None = None) -> tuple[np.ndarray, np.n
 
 
 # ------------------------------------------------------------------------------------------ lit_mpq pipelines
-def lit_mpq_run(config: str, out: Path, policy: Policy, export: bool, quick: bool, extra: list[str] = ()) -> dict:
-    """Run ``config``'s calibrate-probe-allocate pipeline with ``policy``; fake-quantized top-1, plan, exports."""
+def lit_mpq_run(
+    config: str,
+    out: Path,
+    policy: Policy,
+    export: bool,
+    quick: bool,
+    extra: list[str] = (),
+    rounding: str | None = None,
+    calibration: int | None = None,
+) -> dict:
+    """Run ``config``'s calibrate-probe-allocate pipeline with ``policy``; fake-quantized top-1, plan, exports.
+
+    ``rounding`` adds a ``WeightRounding`` step after the allocation (and the attention refinement); ``calibration``
+    sets the number of calibration images (``--quick``: 128).
+    """
     from lightning.pytorch.callbacks import Callback
 
     class VarianceObserver(Callback):
@@ -249,15 +280,20 @@ def lit_mpq_run(config: str, out: Path, policy: Policy, export: bool, quick: boo
                 policy.observe(pl_module.model, pl_module.plan)
 
     args = [*quiet_run_args(config, out), "--model.init_args.fp32_reference=false", *extra]
-    if quick:
-        args += ["--data.init_args.num_calibration_samples=128"]
+    if quick or calibration is not None:
+        args += [f"--data.init_args.num_calibration_samples={128 if quick else calibration}"]
     cli = cli_main(args, run=False)
     callbacks = cli.trainer.callbacks
+    if rounding is not None:
+        after = max(i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("BitAllocator", "AttentionRefinement"))
+        callbacks.insert(after + 1, WeightRounding(method=rounding))
     if not policy.requires_sensitivity:
         callbacks[:] = [cb for cb in callbacks if not isinstance(cb, SensitivityProbe)]
     for cb in callbacks:
         if isinstance(cb, BitAllocator):
             cb.policy = policy
+        if isinstance(cb, SensitivityProbe) and hasattr(policy, "w_candidates"):  # probe every width it may give
+            cb.candidate_bits = sorted(set(cb.candidate_bits) | set(policy.w_candidates) | set(policy.a_candidates))
     allocator = next(i for i, cb in enumerate(callbacks) if isinstance(cb, BitAllocator))
     callbacks.insert(allocator, VarianceObserver())
     folder = Path(cli.trainer.default_root_dir) / "export"
@@ -265,7 +301,7 @@ def lit_mpq_run(config: str, out: Path, policy: Policy, export: bool, quick: boo
         report = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Report)), len(callbacks))
         callbacks.insert(report, Export(output_dir=str(folder), evaluate_onnx=False))
     metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
-    return {"top1": metrics["val/top1"], "plan": cli.model.plan, "folder": folder}
+    return {"top1": metrics["val/top1"], "plan": cli.model.plan, "folder": folder, "module": cli.model}
 
 
 def packed_mb(folder: Path) -> float | None:
@@ -294,17 +330,7 @@ def cnn_rows(key: str, args: argparse.Namespace, folder: Path) -> list[Row]:
             for i in range(0, len(images), 200)
         ]
 
-    fp32_onnx = folder / f"{key}_fp32.onnx"
-    torch.onnx.export(
-        model,
-        torch.zeros(2, *input_size),
-        str(fp32_onnx),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=18,
-        dynamo=False,
-    )
+    fp32_onnx = export_fp32_onnx(model, input_size, folder / f"{key}_fp32.onnx")
     rows = [
         Row(
             key,
@@ -411,16 +437,29 @@ def cnn_rows(key: str, args: argparse.Namespace, folder: Path) -> list[Row]:
 
 
 # -------------------------------------------------------------------------------------------------- DeiT-Tiny
-def deit_rows(args: argparse.Namespace, folder: Path) -> list[Row]:
-    import torch._inductor.config as inductor_config
-
+def deit_setup(args: argparse.Namespace) -> tuple[nn.Module, QuantPlan, object, list]:
+    """DeiT-Tiny with the shared weights, its plan, the shared ImageNet data and the evaluation batches."""
     name = "deit_tiny_patch16_224"
     model = create_backbone(name).eval()
     load_checkpoint(model, str(DATA / "deit_tiny_patch16_224.pt"))
     plan = model_plan(model, (3, 224, 224))
     data = imagenet_data(DATA, name, calibration=64)
     images = args.deit_images if not args.quick else 64
-    batches = cached_batches(evenly_spaced(data.val_set, images), 64, 2)
+    return model, plan, data, cached_batches(evenly_spaced(data.val_set, images), 64, 2)
+
+
+def time_deit_rows(rows: list[Row], batches: list, repeats: int) -> None:
+    """Time ``rows`` at batch 1 and 64 on the first evaluation images."""
+    x64 = torch.cat([x for x, _ in batches])[:64]
+    if len(x64) < 64:
+        x64 = x64.repeat(64 // len(x64) + 1, 1, 1, 1)[:64]
+    time_rows(rows, {1: x64[:1].contiguous(), 64: x64.contiguous()}, repeats)
+
+
+def deit_rows(args: argparse.Namespace, folder: Path) -> list[Row]:
+    import torch._inductor.config as inductor_config
+
+    model, plan, data, batches = deit_setup(args)
     calibration = next(iter(data.calib_dataloader()))[0][:32]
     rows: list[Row] = []
 
@@ -533,10 +572,52 @@ def deit_rows(args: argparse.Namespace, folder: Path) -> list[Row]:
 
     for row in rows:
         plan_costs(row, plan)
-    x64 = torch.cat([x for x, _ in batches])[:64]
-    if len(x64) < 64:
-        x64 = x64.repeat(64 // len(x64) + 1, 1, 1, 1)[:64]
-    time_rows(rows, {1: x64[:1].contiguous(), 64: x64.contiguous()}, args.repeats)
+    time_deit_rows(rows, batches, args.repeats)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ DeiT-Tiny, lit_mpq energy
+DEIT_W4A4_ROW_UJ = 1055.1
+"""Analytic energy (µJ/image) of DeiT-Tiny's uniform W4A4 row (patch embedding and head at W8A8; docs/vit.md)."""
+
+
+def deit_energy_rows(args: argparse.Namespace, folder: Path) -> list[Row]:
+    """DeiT-Tiny under lit_mpq's energy allocation, exported as QDQ ONNX and run by ONNX Runtime, next to FP32.
+
+    The recipe of docs/vit.md's best allocator row: ``configs/deit.yaml`` (log√2 softmax below 6 bits, RepQ-ViT
+    LayerNorm reparameterization, twin-uniform fc2 inputs, Fisher probe), ``ExactAllocation`` at the uniform W4A4
+    row's energy with activations of at least 4 bits, GPTQ rounding. FP32 rows: torch eager and the FP32 ONNX in ORT.
+    """
+    model, plan, data, batches = deit_setup(args)
+    fp32_onnx = export_fp32_onnx(model, (3, 224, 224), folder / "deit_fp32.onnx")
+    fp32 = Row("deit", "FP32", "torch", "aten linear (oneDNN/MKL sgemm)", uniform_bits(plan, FP32, FP32), run=model)
+    fp32.baseline = "FP32 (torch)"
+    fp32.top1 = top1_torch(model, batches)
+    fp32.size_mb = torch_size_mb(model, folder, "deit_fp32")
+    fp32_ort = ort_row("deit", "FP32", fp32_onnx, batches, folder)
+    fp32_ort.bits = uniform_bits(plan, FP32, FP32)
+    policy = ExactAllocation(energy_uj=DEIT_W4A4_ROW_UJ, w_candidates=[3, 4, 6, 8], a_candidates=[4, 6, 8])
+    result = lit_mpq_run(
+        "configs/deit.yaml",
+        folder / "runs",
+        policy,
+        export=True,
+        quick=args.quick,
+        extra=["--data.init_args.num_workers=0"],
+        rounding="gptq",
+        calibration=512,
+    )
+    onnx_path = result["folder"] / "model.onnx"
+    row = ort_row("deit", "lit_mpq energy (<= W4A4 row) (QDQ)", onnx_path, batches, folder)
+    fake_quant = top1_torch(result["module"].model.eval(), batches)
+    row.top1_note = f"fake-quant {fake_quant:.2f}; {result['top1']:.2f} on all 1,300"
+    row.bits = result["plan"].bits()
+    row.size_mb = packed_mb(result["folder"])
+    row.kernels += f"; size: quantized.pt (ONNX {file_mb(onnx_path):.2f} MB)"
+    rows = [fp32, fp32_ort, row]
+    for each in rows:
+        plan_costs(each, plan)
+    time_deit_rows(rows, batches, args.repeats)
     return rows
 
 
@@ -593,9 +674,10 @@ def main() -> None:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in (*CNNS, "deit")]
+    lanes = {"deit": deit_rows, "deit_energy": deit_energy_rows}
+    unknown = [m for m in models if m not in (*CNNS, *lanes)]
     if unknown:
-        raise SystemExit(f"unknown models {unknown}; choose from {[*CNNS, 'deit']}")
+        raise SystemExit(f"unknown models {unknown}; choose from {[*CNNS, *lanes]}")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="deploy_table_") as tmp:
         for key in models:
@@ -603,7 +685,7 @@ def main() -> None:
             folder = Path(tmp) / key
             folder.mkdir()
             try:
-                model_rows = deit_rows(args, folder) if key == "deit" else cnn_rows(key, args, folder)
+                model_rows = lanes[key](args, folder) if key in lanes else cnn_rows(key, args, folder)
             except Exception as err:  # one model's failure must not lose the others' rows
                 print(f"[{key}: FAILED: {type(err).__name__}: {err}]", flush=True)
                 continue

@@ -7,11 +7,13 @@ optionally next to an FP32 reference computed in the same pass (quantizers tempo
 percent (``val/top1`` = 91.5 means 91.5 %), the one unit lit_mpq uses everywhere.
 
 ``fit`` trains the backbone in plain FP32 (SGD with momentum, cosine schedule); the embedded default's
-checkpoint is produced that way.
+checkpoint is produced that way. With a training callback (:class:`~lit_mpq.callbacks.QuantizationAwareTraining`,
+:class:`~lit_mpq.callbacks.BitWidthLearning`) it trains under the plan's fake quantization instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,6 +100,9 @@ class MPQModule(LightningModule):
         self.val_loss = MeanMetric()
         self.record = RunRecord()
         """What the run measured besides the plan (calibration, probe, allocation, energy), filled by the callbacks."""
+        self.loss_terms: dict[str, Callable[[], Tensor]] = {}
+        """``{name: term}`` added to the training loss and logged as ``train/<name>`` (e.g. the bit-width penalty of
+        :class:`~lit_mpq.callbacks.BitWidthLearning`)."""
 
     def _load_packed(self, backbone: str, num_classes: int | None, path: str, content: dict) -> torch.nn.Module:
         stored = content["backbone"]
@@ -136,6 +141,10 @@ class MPQModule(LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        for name, term in self.loss_terms.items():
+            value = term()
+            self.log(f"train/{name}", value.detach())
+            loss = loss + value
         self.train_top1(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
@@ -170,15 +179,32 @@ class MPQModule(LightningModule):
         """Same as :meth:`validation_step`."""
         self.validation_step(batch, batch_idx)
 
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's groups: one for the weights, one per quantizer parameter setting.
+
+        A quantization parameter (a learned step, a bit width) carries ``optimizer_settings`` (``lr_scale``,
+        ``weight_decay``), set by the callback that adds it: weight decay would drive it toward zero.
+        """
+        hp = self.hparams
+        groups: dict[tuple, dict[str, Any]] = {}
+        for parameter in self.parameters():
+            if not parameter.requires_grad:
+                continue
+            settings = getattr(parameter, "optimizer_settings", {})
+            lr = hp.lr * settings.get("lr_scale", 1.0)
+            decay = settings.get("weight_decay", hp.weight_decay)
+            group = groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": decay})
+            group["params"].append(parameter)
+        return list(groups.values())
+
     def configure_optimizers(self) -> Any:
         """SGD or AdamW with a cosine schedule over ``trainer.max_epochs``."""
         hp = self.hparams
+        groups = self._parameter_groups()
         if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True, weight_decay=hp.weight_decay
-            )
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, nesterov=True, weight_decay=hp.weight_decay)
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         epochs = max(int(self.trainer.max_epochs or 1), 1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,11 +1,13 @@
-"""Lightning callbacks that run quantization during ``trainer.validate``, one per file, in pipeline order."""
+"""Lightning callbacks that run quantization during ``trainer.validate`` (and, for training, ``fit``), one per file."""
 
 from lit_mpq.callbacks.allocation import BitAllocator, BitOverride
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.export import Export
 from lit_mpq.callbacks.label_aware import LabelAwareEvaluation
+from lit_mpq.callbacks.learned_bits import BitWidthLearning
 from lit_mpq.callbacks.pruning import Pruning
+from lit_mpq.callbacks.qat import QuantizationAwareTraining
 from lit_mpq.callbacks.refinement import AttentionRefinement
 from lit_mpq.callbacks.report import Report
 from lit_mpq.callbacks.rounding import WeightRounding
@@ -15,11 +17,13 @@ __all__ = [
     "AttentionRefinement",
     "BitAllocator",
     "BitOverride",
+    "BitWidthLearning",
     "Calibration",
     "EnergyMeter",
     "Export",
     "LabelAwareEvaluation",
     "Pruning",
+    "QuantizationAwareTraining",
     "Report",
     "SensitivityProbe",
     "WeightRounding",

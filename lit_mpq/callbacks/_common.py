@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,18 +18,49 @@ from tqdm.auto import tqdm
 from lit_mpq.plan import QuantPlan
 
 QUANT_STAGES = ("validate", "test")
-"""Stages in which the quantization callbacks act; ``fit`` trains the plain FP32 model."""
+"""Stages in which the quantization callbacks act; ``fit`` trains the plain FP32 model, unless a training callback
+(:mod:`lit_mpq.callbacks.qat`) quantizes it: then the post-training steps run once before training starts."""
+
+_PTQ_BEFORE_TRAINING: ContextVar[bool] = ContextVar("ptq_before_training", default=False)
+
+
+def trains_quantized(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` has a callback that trains under quantization (QAT, learned bit widths)."""
+    return any(getattr(callback, "trains_quantized", False) for callback in getattr(trainer, "callbacks", ()))
+
+
+def quantizes_in_stage(trainer: pl.Trainer, stage: str) -> bool:
+    """Whether the post-training callbacks set up in ``stage``: ``validate``/``test``, and ``fit`` for QAT."""
+    return stage in QUANT_STAGES or (stage == "fit" and trains_quantized(trainer))
+
+
+@contextmanager
+def post_training_steps() -> Iterator[None]:
+    """Make :func:`is_quant_run` true in ``fit`` for the duration of the block.
+
+    A training callback runs the calibration, probe, allocation and rounding callbacks' ``on_validation_start`` in it,
+    once, before the first training step.
+    """
+    token = _PTQ_BEFORE_TRAINING.set(True)
+    try:
+        yield
+    finally:
+        _PTQ_BEFORE_TRAINING.reset(token)
 
 
 def is_quant_run(trainer: pl.Trainer) -> bool:
     """Whether the quantization callbacks act now: in ``validate`` and each sweep point.
 
-    Not in ``fit``'s validation loop nor in a sanity check, so a training config may list them too.
+    Not in ``fit``'s validation loop nor in a sanity check, so a training config may list them too (in ``fit`` they
+    act only when a training callback calls them, inside :func:`post_training_steps`).
     """
     if getattr(trainer, "sanity_checking", False):
         return False
     stage = getattr(getattr(trainer, "state", None), "fn", None)
-    return stage is None or str(getattr(stage, "value", stage)) in QUANT_STAGES  # None: hooks called by hand
+    if stage is None:  # hooks called by hand
+        return True
+    stage = str(getattr(stage, "value", stage))
+    return stage in QUANT_STAGES or (stage == "fit" and _PTQ_BEFORE_TRAINING.get())
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lit_mpq.allocation import BitOverride, Policy, Uniform, pin_layers
 from lit_mpq.bits import validate_bits
-from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, run_dir, timer
+from lit_mpq.callbacks._common import is_quant_run, quantizes_in_stage, require_before, require_plan, run_dir, timer
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
@@ -75,7 +75,7 @@ class BitAllocator(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage not in QUANT_STAGES:
+        if not quantizes_in_stage(trainer, stage):
             return
         require_before(trainer, self, Calibration, "needs the plan of measured layers")
         if self.policy.requires_sensitivity:

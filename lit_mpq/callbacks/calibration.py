@@ -21,11 +21,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import (
-    QUANT_STAGES,
     calibration_batches,
     gather_rows,
     is_quant_run,
     measure_phase,
+    quantizes_in_stage,
     require_plan,
     strategy_reduce,
     timer,
@@ -128,7 +128,7 @@ class Calibration(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage not in QUANT_STAGES:
+        if not quantizes_in_stage(trainer, stage):
             return
         if getattr(pl_module, "quantization_frozen", False):
             raise MisconfigurationException(

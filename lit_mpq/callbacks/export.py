@@ -84,51 +84,13 @@ class Export(Callback):
         out = Path(self.output_dir) if self.output_dir else run_dir(trainer)  # a collective under DDP: every rank
         if not trainer.is_global_zero:
             return
-        plan = require_plan(pl_module, "Export")
+        require_plan(pl_module, "Export")
         calibration = next(cb for cb in trainer.callbacks if isinstance(cb, Calibration))
         size = getattr(trainer.datamodule, "input_size", None) or pl_module.input_size
         record: dict[str, Any] = {"bn_folded": bool(calibration.folded_batchnorms)}
         start = timer()
         if self.checkpoint:
-            hparams = dict(getattr(trainer.datamodule, "hparams", {}))
-            card = run_card(
-                plan,
-                pl_module.record,
-                energy_model_of(trainer),
-                hparams,
-                dataset=str(hparams.get("dataset", type(trainer.datamodule).__name__)),
-            )
-            try:
-                content = pack_model(
-                    pl_module.model,
-                    plan,
-                    backbone=pl_module.hparams.backbone,
-                    num_classes=pl_module.num_classes,
-                    input_size=tuple(size),
-                    settings=calibration.settings,
-                    folded_batchnorms=calibration.folded_batchnorms,
-                    card=card,
-                    model_kwargs=pl_module.hparams.get("model_kwargs"),
-                )
-            except QuantizedExportError as exc:
-                rank_zero_warn(f"quantized.pt not written: {exc}")
-                record["checkpoint_error"] = str(exc)
-            else:
-                packed = save_quantized(out / "quantized.pt", content)
-                record["checkpoint"] = {
-                    "path": str(out / "quantized.pt"),
-                    "file_bytes": packed.file_bytes,
-                    "ideal_bytes": packed.ideal_bytes,
-                    "overhead": packed.overhead,
-                    "weight_bits_bytes": packed.weight_bits_bytes,
-                    "scale_bytes": packed.scale_bytes,
-                    "activation_bytes": packed.activation_bytes,
-                    "float_bytes": packed.float_bytes,
-                }
-                rank_zero_info(
-                    f"quantized.pt: {packed.file_bytes / 1e6:.3f} MB, {100 * packed.overhead:+.1f} % against the ideal "
-                    f"{packed.ideal_bytes / 1e6:.3f} MB (bits·params/8 + scales + float tensors)"
-                )
+            record.update(write_packed_checkpoint(trainer, pl_module, out / "quantized.pt"))
         if self.onnx:
             self._export_onnx(trainer, pl_module, out / "model.onnx", tuple(size), record)
         record["seconds"] = timer() - start
@@ -165,3 +127,53 @@ class Export(Callback):
             record["onnx"]["top1_difference"] = result["top1"] - float(run_top1)
             message += f" (the run's fake-quantized model: {float(run_top1):.2f} %)"
         rank_zero_info(message)
+
+
+def write_packed_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> dict[str, Any]:
+    """Pack the run's quantized model into ``path`` (rank 0 only); what was written, for the run record.
+
+    A model that cannot be packed gets a warning and ``{"checkpoint_error": reason}``: the run's other results stand.
+    """
+    plan = require_plan(pl_module, "the packed checkpoint")
+    calibration = next(cb for cb in trainer.callbacks if isinstance(cb, Calibration))
+    size = getattr(trainer.datamodule, "input_size", None) or pl_module.input_size
+    hparams = dict(getattr(trainer.datamodule, "hparams", {}))
+    card = run_card(
+        plan,
+        pl_module.record,
+        energy_model_of(trainer),
+        hparams,
+        dataset=str(hparams.get("dataset", type(trainer.datamodule).__name__)),
+    )
+    try:
+        content = pack_model(
+            pl_module.model,
+            plan,
+            backbone=pl_module.hparams.backbone,
+            num_classes=pl_module.num_classes,
+            input_size=tuple(size),
+            settings=calibration.settings,
+            folded_batchnorms=calibration.folded_batchnorms,
+            card=card,
+            model_kwargs=pl_module.hparams.get("model_kwargs"),
+        )
+    except QuantizedExportError as exc:
+        rank_zero_warn(f"{path.name} not written: {exc}")
+        return {"checkpoint_error": str(exc)}
+    packed = save_quantized(path, content)
+    rank_zero_info(
+        f"{path.name}: {packed.file_bytes / 1e6:.3f} MB, {100 * packed.overhead:+.1f} % against the ideal "
+        f"{packed.ideal_bytes / 1e6:.3f} MB (bits·params/8 + scales + float tensors)"
+    )
+    return {
+        "checkpoint": {
+            "path": str(path),
+            "file_bytes": packed.file_bytes,
+            "ideal_bytes": packed.ideal_bytes,
+            "overhead": packed.overhead,
+            "weight_bits_bytes": packed.weight_bits_bytes,
+            "scale_bytes": packed.scale_bytes,
+            "activation_bytes": packed.activation_bytes,
+            "float_bytes": packed.float_bytes,
+        }
+    }

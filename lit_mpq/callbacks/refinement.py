@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, timer
+from lit_mpq.callbacks._common import is_quant_run, quantizes_in_stage, require_before, require_plan, timer
 from lit_mpq.callbacks.allocation import BitAllocator
 from lit_mpq.quant.ranking import refine_attention_ranges
 
@@ -63,7 +63,7 @@ class AttentionRefinement(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage in QUANT_STAGES:
+        if quantizes_in_stage(trainer, stage):
             require_before(trainer, self, BitAllocator, "refines the ranges at the allocated bit widths")
 
     def _batches(self, trainer: pl.Trainer) -> Iterator[torch.Tensor]:

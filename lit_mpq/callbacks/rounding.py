@@ -23,10 +23,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import (
-    QUANT_STAGES,
     calibration_batches,
     is_quant_run,
     measure_phase,
+    quantizes_in_stage,
     require_before,
     require_plan,
     strategy_reduce,
@@ -94,7 +94,7 @@ class WeightRounding(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage not in QUANT_STAGES:
+        if not quantizes_in_stage(trainer, stage):
             return
         require_before(trainer, self, BitAllocator, "rounds each layer at the width the allocation gives it")
         self._done = False  # each validation run rounds for the allocation it evaluates

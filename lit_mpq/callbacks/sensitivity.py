@@ -18,12 +18,12 @@ from typing_extensions import override
 
 from lit_mpq.bits import validate_candidates
 from lit_mpq.callbacks._common import (
-    QUANT_STAGES,
     calibration_batches,
     calibration_shard,
     gather_rows,
     is_quant_run,
     measure_phase,
+    quantizes_in_stage,
     require_before,
     require_plan,
     run_dir,
@@ -91,7 +91,7 @@ class SensitivityProbe(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage in QUANT_STAGES:
+        if quantizes_in_stage(trainer, stage):
             require_before(trainer, self, Calibration, "needs calibrated activation quantizers")
 
     def cache_key(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:

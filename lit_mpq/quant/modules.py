@@ -192,6 +192,9 @@ class ActivationQuantizer(_Quantizer):
         self.range_factors: dict[int, float] = {}
         """``{bits: factor}``: the observer's clipping range at ``bits`` is multiplied by ``factor`` (set by a search
         such as the ranking-aware refinement; 1 when absent)."""
+        self.fixed_qparams: dict[int, tuple[Tensor, Tensor]] = {}
+        """``{bits: (scale, zero_point)}`` used as they are instead of being derived from the observer (steps learned
+        by quantization-aware training, :mod:`lit_mpq.qat`)."""
 
     def set_range_factor(self, bits: int, factor: float) -> None:
         """Scale the clipping range used at ``bits`` by ``factor`` (> 0); forgets the cached parameters."""
@@ -201,7 +204,10 @@ class ActivationQuantizer(_Quantizer):
         self._cache.pop(bits, None)
 
     def qparams(self, bits: int) -> tuple[Tensor, Tensor]:
-        """Scale and zero point at ``bits`` from the observer's statistics (cached per bit width)."""
+        """Scale and zero point at ``bits`` from the observer's statistics (cached per bit width), or as fixed."""
+        fixed = self.fixed_qparams.get(bits)
+        if fixed is not None:
+            return fixed
         if bits not in self._cache:
             factor = self.range_factors.get(bits, 1.0)
             if factor == 1.0:

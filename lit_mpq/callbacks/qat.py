@@ -1,0 +1,105 @@
+"""The ``QuantizationAwareTraining`` callback: fine-tune the post-training quantized model in ``fit``.
+
+``python cli.py fit --config configs/resnet20_qat.yaml``: the config lists the same post-training callbacks as a
+``validate`` config (``Calibration``, ``SensitivityProbe``, ``BitAllocator``, ``WeightRounding``...) and then this
+one. Before the first step it runs them once (calibrate, probe, allocate, round: the PTQ model), makes that model
+trainable without changing its outputs (:func:`~lit_mpq.qat.start_from_post_training`: roundings become the weights,
+bias corrections constant shifts) and trains under its fake quantization: the straight-through estimator for the
+weights and inputs, and with ``learn_steps`` every uniform quantizer's step as a parameter (LSQ, Esser et al. 2020;
+:mod:`lit_mpq.qat.lsq`). The bit widths are the allocation's and do not change.
+
+At the end of ``fit`` it writes into the run folder ``plan.yaml``, the packed ``quantized.pt`` (the learned steps as
+fixed parameters) and ``qat.json`` (settings, time, last validation top-1): ``python cli.py validate --config
+configs/resnet20_reload.yaml --model.init_args.checkpoint_path <run>/quantized.pt`` evaluates or exports it with no
+calibration. Under DDP every rank runs the post-training steps on its shard (they reduce across ranks as in
+``validate``) and Lightning averages the gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lit_mpq.callbacks._common import require_plan, timer
+from lit_mpq.callbacks._training import check_training_setup, run_post_training_steps, write_training_outputs
+from lit_mpq.qat.lsq import (
+    LearnedStepActivationQuantizer,
+    LearnedStepWeightQuantizer,
+    add_learned_steps,
+    freeze_learned_steps,
+)
+from lit_mpq.qat.start import start_from_post_training
+
+
+class QuantizationAwareTraining(Callback):
+    """Train the post-training quantized model under its fake quantization (``fit``).
+
+    Args:
+        learn_steps: Train each uniform quantizer's step (LSQ); off: the weights' steps follow their range (min-max
+            or MSE of the current weight) and the inputs' stay as calibrated (plain straight-through training).
+        step_lr_scale: The steps' learning rate relative to the module's ``lr`` (no weight decay on steps).
+        save_checkpoint: Write ``plan.yaml``, ``quantized.pt`` and ``qat.json`` into the run folder at the end.
+
+    Raises:
+        ValueError: If ``step_lr_scale`` is not positive.
+    """
+
+    trains_quantized = True
+    """Marks a callback that trains the quantized model: the post-training callbacks set up in ``fit`` too."""
+
+    def __init__(self, learn_steps: bool = True, step_lr_scale: float = 1.0, save_checkpoint: bool = True) -> None:
+        if not step_lr_scale > 0:
+            raise ValueError(f"QuantizationAwareTraining.step_lr_scale must be positive, got {step_lr_scale}")
+        self.learn_steps = learn_steps
+        self.step_lr_scale = step_lr_scale
+        self.save_checkpoint = save_checkpoint
+        self._record: dict = {}
+        self._fit_start = 0.0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_training_setup(trainer, self)
+        require_plan(pl_module, "QuantizationAwareTraining")
+        if self.learn_steps:  # here, before the optimizer is built from the module's parameters
+            add_learned_steps(pl_module.model)
+            for module in pl_module.model.modules():
+                if isinstance(module, LearnedStepWeightQuantizer | LearnedStepActivationQuantizer):
+                    module.step.optimizer_settings = {"lr_scale": self.step_lr_scale, "weight_decay": 0.0}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = run_post_training_steps(trainer, pl_module, self)
+        start = start_from_post_training(pl_module.model)
+        rank_zero_info(
+            f"QAT starts from the post-training model ({seconds:.1f} s): {start.learned_steps} learned steps, "
+            f"{start.rounded_weights} rounded weights, {start.frozen_bias_corrections} bias corrections made constant"
+        )
+        self._record = {
+            "learn_steps": self.learn_steps,
+            "step_lr_scale": self.step_lr_scale,
+            "post_training_seconds": seconds,
+            "start": dataclasses.asdict(start),
+        }
+        self._fit_start = timer()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        freeze_learned_steps(pl_module.model)  # the outputs stay; the model is now a plain calibrated one
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        record = {
+            **self._record,
+            "epochs": int(trainer.current_epoch),
+            "steps": int(trainer.global_step),
+            "training_seconds": timer() - self._fit_start,
+            "last_validation": metrics,
+            "optimizer": {k: pl_module.hparams.get(k) for k in ("optimizer", "lr", "weight_decay")},
+        }
+        if self.save_checkpoint:
+            out = write_training_outputs(trainer, pl_module, "qat", record)
+            rank_zero_info(f"QAT model written to {out / 'quantized.pt'}")

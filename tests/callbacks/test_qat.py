@@ -1,0 +1,138 @@
+"""``fit`` under quantization on the embedded default: QAT's packed model reloads exactly; learned widths fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_mpq.cli import main
+from lit_mpq.plan import QuantPlan
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = str(REPO / "lit_mpq" / "assets" / "digits_cnn.pt")
+
+
+def _config(tmp_path: Path, callbacks: list[dict], epochs: int = 1) -> Path:
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "lit_mpq.module.MPQModule",
+            "init_args": {"backbone": "digits_cnn", "checkpoint_path": DIGITS, "fp32_reference": False, "lr": 0.01},
+        },
+        "data": {
+            "class_path": "lit_mpq.data.DigitsDataModule",
+            "init_args": {"batch_size": 128, "num_calibration_samples": 256},
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": epochs,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "callbacks": [
+                {
+                    "class_path": "lit_mpq.callbacks.Calibration",
+                    "init_args": {"act_observer": "mse", "bias_correction": True, "fold_batchnorm": True},
+                },
+                *callbacks,
+            ],
+        },
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _allocator(w_bits: int, a_bits: int) -> dict:
+    return {
+        "class_path": "lit_mpq.callbacks.BitAllocator",
+        "init_args": {
+            "policy": {"class_path": "lit_mpq.allocation.Uniform", "init_args": {"w_bits": w_bits, "a_bits": a_bits}}
+        },
+    }
+
+
+def test_qat_model_reloads_with_the_same_top1_and_training_improves_on_ptq(tmp_path):
+    callbacks = [
+        _allocator(2, 3),
+        {"class_path": "lit_mpq.callbacks.WeightRounding", "init_args": {"method": "gptq"}},
+        {"class_path": "lit_mpq.callbacks.QuantizationAwareTraining"},
+    ]
+    config = _config(tmp_path, callbacks, epochs=2)
+    main(["fit", "--config", str(config)])
+    run = tmp_path / "run"
+    record = json.loads((run / "qat.json").read_text())
+    assert record["start"] == {"rounded_weights": 4, "frozen_bias_corrections": 4, "learned_steps": 8}
+    trained_top1 = record["last_validation"]["val/top1"]
+
+    # the same post-training model, evaluated without training (validate with the same callbacks but QAT)
+    ptq = main(
+        [
+            "validate",
+            "--config",
+            str(_config(tmp_path / "ptq", callbacks[:2])),
+            f"--trainer.default_root_dir={tmp_path / 'ptq_run'}",
+        ]
+    )
+    ptq_top1 = ptq.trainer.callback_metrics["val/top1"].item()
+    assert trained_top1 > ptq_top1 + 1.0, (ptq_top1, trained_top1)  # W2A3 digits: PTQ loses points QAT wins back
+
+    reloaded = main(
+        [
+            "validate",
+            "--config",
+            str(_config(tmp_path / "reload", [])),
+            f"--model.init_args.checkpoint_path={run / 'quantized.pt'}",
+            "--trainer.callbacks=[]",
+            f"--trainer.default_root_dir={tmp_path / 'reload_run'}",
+        ]
+    )
+    assert reloaded.trainer.callback_metrics["val/top1"].item() == trained_top1  # bit-identical logits
+    plan = QuantPlan.from_yaml(run / "plan.yaml")
+    assert set(plan.bits().values()) == {(2, 3)}
+
+
+def test_learned_bit_widths_meet_their_average_and_compare_with_the_exact_allocator(tmp_path):
+    callbacks = [
+        {
+            "class_path": "lit_mpq.callbacks.SensitivityProbe",
+            "init_args": {"metric": "output_l2", "candidate_bits": [2, 3, 4, 6, 8]},
+        },
+        _allocator(8, 8),
+        {
+            "class_path": "lit_mpq.callbacks.BitWidthLearning",
+            "init_args": {"target_avg_bits": 4.0, "penalty_weight": 5.0},
+        },
+    ]
+    main(["fit", "--config", str(_config(tmp_path, callbacks, epochs=3))])
+    run = tmp_path / "run"
+    record = json.loads((run / "learned_bits.json").read_text())
+    plan = QuantPlan.from_yaml(run / "plan.yaml")
+    average = plan.average_weight_bits()
+    assert 3.9 <= average <= 4.0 + 1e-9, average
+    assert record["rounded_value"] == pytest.approx(average)
+    assert record["relaxed_value_at_end"] < 6.0  # training moved the widths from 8 toward the budget
+    exact = QuantPlan.from_yaml(run / "plan_exact.yaml")
+    assert exact.average_weight_bits() <= average + 1e-9
+    comparison = record["exact_allocation"]
+    # the exact allocator minimizes the summed probe sensitivity at that budget: never above the learned plan's
+    assert comparison["summed_w_sensitivity_exact"] <= comparison["summed_w_sensitivity_learned"] + 1e-12
+    assert {bits for bits, _ in plan.bits().values()} <= {2, 3, 4, 6, 8}
+
+
+def test_two_training_callbacks_are_rejected_at_start_up(tmp_path, capsys):
+    callbacks = [
+        _allocator(4, 4),
+        {"class_path": "lit_mpq.callbacks.QuantizationAwareTraining"},
+        {"class_path": "lit_mpq.callbacks.BitWidthLearning", "init_args": {"target_avg_bits": 4.0}},
+    ]
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(_config(tmp_path, callbacks))])
+    assert "both train the quantized model" in capsys.readouterr().err

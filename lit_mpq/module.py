@@ -100,9 +100,9 @@ class MPQModule(LightningModule):
         self.val_loss = MeanMetric()
         self.record = RunRecord()
         """What the run measured besides the plan (calibration, probe, allocation, energy), filled by the callbacks."""
-        self.loss_terms: dict[str, Callable[[], Tensor]] = {}
-        """``{name: term}`` added to the training loss and logged as ``train/<name>`` (e.g. the bit-width penalty of
-        :class:`~lit_mpq.callbacks.BitWidthLearning`)."""
+        self.loss_terms: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+        """``{name: term(images, logits)}`` added to the training loss and logged as ``train/<name>`` (the bit-width
+        penalty of :class:`~lit_mpq.callbacks.BitWidthLearning`, the distillation term of QAT)."""
 
     def _load_packed(self, backbone: str, num_classes: int | None, path: str, content: dict) -> torch.nn.Module:
         stored = content["backbone"]
@@ -142,7 +142,7 @@ class MPQModule(LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         for name, term in self.loss_terms.items():
-            value = term()
+            value = term(x, logits)
             self.log(f"train/{name}", value.detach())
             loss = loss + value
         self.train_top1(logits, y)

@@ -168,7 +168,7 @@ class BitWidthLearning(Callback):
                 first = self.init_bits if self.init_bits is not None else plan[name].w_bits or self.candidate_bits[-1]
                 quantizer.bit_width.fill_(float(min(max(first, self.candidate_bits[0]), self.candidate_bits[-1])))
                 quantizer.learning = True
-        pl_module.loss_terms["bit_penalty"] = lambda: (
+        pl_module.loss_terms["bit_penalty"] = lambda images, logits: (
             self.penalty_weight * budget_penalty(self.relaxed_total(pl_module), self._budget)
         )
         self._record = {
@@ -233,6 +233,17 @@ class BitWidthLearning(Callback):
         rank_zero_info(
             f"learned bit widths rounded: {self._budget_description()} {spent:.4g} (budget {self._budget:.4g})"
         )
+        settings = {
+            "method": "learned_bit_widths",
+            "budget": record["budget"],
+            "budget_value": self._budget,
+            "candidate_bits": self.candidate_bits,
+            "penalty_weight": self.penalty_weight,
+            "bits_lr_scale": self.bits_lr_scale,
+            "epochs": record["epochs"],
+            **{k: pl_module.hparams.get(k) for k in ("optimizer", "lr", "weight_decay")},
+        }
+        pl_module.record.training = {"settings": settings, **record}  # in the packed file's card
         if self.save_checkpoint:
             write_training_outputs(trainer, pl_module, "learned_bits", record)
 

@@ -153,6 +153,7 @@ class Pruning(Callback):
             return
         plan = require_plan(pl_module, "Pruning")
         self.report = sparsity_report(plan, energy_model_of(trainer), self.index_format)
+        pl_module.record.pruning = {"settings": self.settings(), **self.report}
         pl_module.log("prune/sparsity_pct", self.report["sparsity_pct"])
         pl_module.log("prune/nonzero_params", float(self.report["nonzero_params"]))
         pl_module.log("prune/effective_macs_m", self.report["effective_macs"] / 1e6)

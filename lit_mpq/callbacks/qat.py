@@ -6,7 +6,8 @@ one. Before the first step it runs them once (calibrate, probe, allocate, round:
 trainable without changing its outputs (:func:`~lit_mpq.qat.start_from_post_training`: roundings become the weights,
 bias corrections constant shifts) and trains under its fake quantization: the straight-through estimator for the
 weights and inputs, and with ``learn_steps`` every uniform quantizer's step as a parameter (LSQ, Esser et al. 2020;
-:mod:`lit_mpq.qat.lsq`). The bit widths are the allocation's and do not change.
+:mod:`lit_mpq.qat.lsq`), optionally distilling the float model's outputs (``distill_weight``). The bit widths are the
+allocation's and do not change.
 
 At the end of ``fit`` it writes into the run folder ``plan.yaml``, the packed ``quantized.pt`` (the learned steps as
 fixed parameters) and ``qat.json`` (settings, time, last validation top-1): ``python cli.py validate --config
@@ -17,15 +18,18 @@ calibration. Under DDP every rank runs the post-training steps on its shard (the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import require_plan, timer
 from lit_mpq.callbacks._training import check_training_setup, run_post_training_steps, write_training_outputs
+from lit_mpq.qat.distill import distillation_loss
 from lit_mpq.qat.lsq import (
     LearnedStepActivationQuantizer,
     LearnedStepWeightQuantizer,
@@ -42,21 +46,38 @@ class QuantizationAwareTraining(Callback):
         learn_steps: Train each uniform quantizer's step (LSQ); off: the weights' steps follow their range (min-max
             or MSE of the current weight) and the inputs' stay as calibrated (plain straight-through training).
         step_lr_scale: The steps' learning rate relative to the module's ``lr`` (no weight decay on steps).
+        distill_weight: Weight of a distillation term from the float model (:mod:`lit_mpq.qat.distill`; its logits on
+            the same training batch) added to the cross-entropy; 0 trains on the labels only.
+        distill_temperature: Softmax temperature of the distillation term.
         save_checkpoint: Write ``plan.yaml``, ``quantized.pt`` and ``qat.json`` into the run folder at the end.
 
     Raises:
-        ValueError: If ``step_lr_scale`` is not positive.
+        ValueError: If ``step_lr_scale`` or ``distill_temperature`` is not positive, or ``distill_weight`` negative.
     """
 
     trains_quantized = True
     """Marks a callback that trains the quantized model: the post-training callbacks set up in ``fit`` too."""
 
-    def __init__(self, learn_steps: bool = True, step_lr_scale: float = 1.0, save_checkpoint: bool = True) -> None:
+    def __init__(
+        self,
+        learn_steps: bool = True,
+        step_lr_scale: float = 1.0,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+        save_checkpoint: bool = True,
+    ) -> None:
         if not step_lr_scale > 0:
             raise ValueError(f"QuantizationAwareTraining.step_lr_scale must be positive, got {step_lr_scale}")
+        if not distill_weight >= 0:
+            raise ValueError(f"QuantizationAwareTraining.distill_weight must be >= 0, got {distill_weight}")
+        if not distill_temperature > 0:
+            raise ValueError(f"QuantizationAwareTraining.distill_temperature must be > 0, got {distill_temperature}")
         self.learn_steps = learn_steps
         self.step_lr_scale = step_lr_scale
+        self.distill_weight = distill_weight
+        self.distill_temperature = distill_temperature
         self.save_checkpoint = save_checkpoint
+        self._teacher: torch.nn.Module | None = None
         self._record: dict = {}
         self._fit_start = 0.0
 
@@ -66,6 +87,8 @@ class QuantizationAwareTraining(Callback):
             return
         check_training_setup(trainer, self)
         require_plan(pl_module, "QuantizationAwareTraining")
+        if self.distill_weight > 0:  # the float model, before anything is quantized (its quantizers stay off)
+            self._teacher = copy.deepcopy(pl_module.model).eval().requires_grad_(False)
         if self.learn_steps:  # here, before the optimizer is built from the module's parameters
             add_learned_steps(pl_module.model)
             for module in pl_module.model.modules():
@@ -80,9 +103,20 @@ class QuantizationAwareTraining(Callback):
             f"QAT starts from the post-training model ({seconds:.1f} s): {start.learned_steps} learned steps, "
             f"{start.rounded_weights} rounded weights, {start.frozen_bias_corrections} bias corrections made constant"
         )
+        if self._teacher is not None:
+            teacher = self._teacher.to(pl_module.device)
+
+            def distill(images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    target = teacher(images)
+                return self.distill_weight * distillation_loss(logits, target, self.distill_temperature)
+
+            pl_module.loss_terms["distill"] = distill
         self._record = {
             "learn_steps": self.learn_steps,
             "step_lr_scale": self.step_lr_scale,
+            "distill_weight": self.distill_weight,
+            "distill_temperature": self.distill_temperature,
             "post_training_seconds": seconds,
             "start": dataclasses.asdict(start),
         }
@@ -90,6 +124,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.loss_terms.pop("distill", None)
         freeze_learned_steps(pl_module.model)  # the outputs stay; the model is now a plain calibrated one
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         record = {
@@ -100,6 +135,10 @@ class QuantizationAwareTraining(Callback):
             "last_validation": metrics,
             "optimizer": {k: pl_module.hparams.get(k) for k in ("optimizer", "lr", "weight_decay")},
         }
+        settings = {"method": "qat", "learn_steps": self.learn_steps, "step_lr_scale": self.step_lr_scale}
+        settings |= {"distill_weight": self.distill_weight, "distill_temperature": self.distill_temperature}
+        settings |= {"epochs": record["epochs"], **record["optimizer"]}
+        pl_module.record.training = {"settings": settings, **record}  # in the packed file's card
         if self.save_checkpoint:
             out = write_training_outputs(trainer, pl_module, "qat", record)
             rank_zero_info(f"QAT model written to {out / 'quantized.pt'}")

@@ -150,6 +150,8 @@ def build_card(
     act_observer_overrides: Mapping[str, str] | None = None,
     ptf_max_shift: int | None = None,
     weight_rounding: Mapping[str, Any] | None = None,
+    pruning: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -188,6 +190,9 @@ def build_card(
         ptf_max_shift: ``K`` of the power-of-two-factor inputs; recorded only when an override is ``"ptf"``.
         weight_rounding: Settings of the data-driven weight rounding (``WeightRounding``), or ``None`` when weights
             were rounded to nearest.
+        pruning: Settings of the pruning before quantization (``Pruning``), or ``None`` when nothing was pruned.
+        training: Settings of the training under quantization (``QuantizationAwareTraining``, ``BitWidthLearning``),
+            or ``None`` for a post-training model.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -235,6 +240,8 @@ def build_card(
         },
         "rounding": rounding_text(weight_rounding) + (BIAS_CORRECTION if bias_correction else ""),
         "rounding_settings": dict(weight_rounding) if _data_driven(weight_rounding) else None,
+        "pruning": dict(pruning) if pruning else None,
+        "training": dict(training) if training else None,
         "sensitivity_metric": sensitivity_metric,
         "policy": policy,
         "bits_candidates": candidates,

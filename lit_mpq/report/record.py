@@ -138,6 +138,9 @@ class RunRecord:
         energy: The energy report of ``EnergyMeter`` (:func:`lit_mpq.energy.energy_report`, plus measured energy).
         label_aware: Set by ``LabelAwareEvaluation``: accuracy on class subsets.
         export: Set by ``Export``: the files written, the packed size against the ideal, ONNX Runtime's top-1.
+        pruning: Set by ``Pruning``: its settings, the sparsity, effective MACs, dense and sparsity-aware energy.
+        training: Set by ``QuantizationAwareTraining`` / ``BitWidthLearning`` at the end of ``fit``: settings, epochs,
+            time, the last validation metrics (and the learned widths).
         seed_everything: The run's global seed, as configured (``None`` when none was set).
     """
 
@@ -149,6 +152,8 @@ class RunRecord:
     refinement: dict[str, Any] | None = None
     label_aware: LabelAwareRecord | None = None
     export: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
     seed_everything: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

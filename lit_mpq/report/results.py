@@ -122,6 +122,8 @@ def run_card(
         act_observer_overrides=dict(settings.get("act_observer_overrides") or ()),
         ptf_max_shift=settings.get("ptf_max_shift"),
         weight_rounding=record.rounding.settings if record.rounding is not None else None,
+        pruning=record.pruning.get("settings") if record.pruning else None,
+        training=record.training.get("settings") if record.training else None,
     )
 
 

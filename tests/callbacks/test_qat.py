@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lit_mpq.cli import main
+from lit_mpq.deploy.checkpoint import load_quantized
 from lit_mpq.plan import QuantPlan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +98,9 @@ def test_qat_model_reloads_with_the_same_top1_and_training_improves_on_ptq(tmp_p
     assert reloaded.trainer.callback_metrics["val/top1"].item() == trained_top1  # bit-identical logits
     plan = QuantPlan.from_yaml(run / "plan.yaml")
     assert set(plan.bits().values()) == {(2, 3)}
+    card = load_quantized(run / "quantized.pt").card
+    assert card["training"]["method"] == "qat" and card["training"]["learn_steps"] is True
+    assert card["rounding_settings"]["method"] == "gptq"
 
 
 def test_learned_bit_widths_meet_their_average_and_compare_with_the_exact_allocator(tmp_path):

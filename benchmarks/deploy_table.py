@@ -4,7 +4,8 @@ Rows per model x precision; columns: top-1, latency at batch 1 and 64 (median of
 min-max), speed-up against FP32 in the same runtime, peak memory of one batch-64 inference, size of the saved
 artifact, bit-ops and analytic energy of the plan that matches the row::
 
-    python benchmarks/deploy_table.py [--quick] [--models resnet20,vgg11,mobilenetv2,deit] [--repeats 5]
+    python benchmarks/deploy_table.py [--quick] [--models resnet20,vgg11,mobilenetv2,deit,deit_energy] [--repeats 5]
+    python benchmarks/deploy_table.py --models vgg11,mobilenetv2 --pipelines-only    # lit_mpq's plans on the shapes
 
 Runtimes: ONNX Runtime (CPU EP, 2 intra-op threads) for the CNNs' FP32 and INT8 rows (``quantize_dynamic`` and
 ``quantize_static`` of the FP32 ONNX, QOperator format, per-channel weights, calibrated on the first 512 lossless
@@ -429,6 +430,10 @@ def cnn_rows(key: str, args: argparse.Namespace, folder: Path) -> list[Row]:
         row.kernels += f"; size: quantized.pt (ONNX {file_mb(onnx_path):.2f} MB)"
         rows.append(row)
 
+    if args.pipelines_only:  # the FP32 baselines and lit_mpq's two plans: rows measured side by side in this run
+        rows = [
+            row for row in rows if row.precision == "FP32" or row.runtime in ("ORT", "—") and "(QDQ)" in row.precision
+        ]
     for row in rows:
         plan_costs(row, plan)
     batch64 = torch.from_numpy(np.repeat(images[:64], 1, axis=0)) if len(images) >= 64 else torch.zeros(64, 3, 32, 32)
@@ -667,9 +672,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--deit-images", type=int, default=512, help="ImageNet val images for DeiT's top-1")
     parser.add_argument("--shape-pipelines", action="store_true", help="also allocate the random-weight CNNs")
+    parser.add_argument(
+        "--pipelines-only",
+        action="store_true",
+        help="CNNs: time only the FP32 rows and lit_mpq's variance-mixed and energy plans (implies --shape-pipelines)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats = min(args.repeats, 2)
+    args.shape_pipelines |= args.pipelines_only
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")

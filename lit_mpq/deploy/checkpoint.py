@@ -361,6 +361,11 @@ def pack_model(
         quantizer = layer.weight_quantizer
         if quantizer.mode != "quant" or quantizer.bits is None:
             continue
+        if quantizer.bits > 8:
+            raise QuantizedExportError(
+                f"layer {name!r} has {quantizer.bits}-bit weights; the packed format stores 1 to 8 bits (keep wider "
+                "layers in float: a None width in the plan)"
+            )
         entry, codes = _pack_weight(name, layer, quantizer.bits, blobs)
         entry["offset"], entry["nbytes"] = offset, codes.numel()
         offset += codes.numel()

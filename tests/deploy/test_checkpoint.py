@@ -7,6 +7,7 @@ import torch
 
 from lit_mpq.deploy.checkpoint import (
     FORMAT,
+    QuantizedExportError,
     is_packed_checkpoint,
     load_quantized,
     pack_model,
@@ -148,3 +149,11 @@ def test_mpq_module_loads_the_packed_file_and_calibration_refuses_it(tmp_path, c
         Calibration().setup(None, module, "validate")
     with pytest.raises(ValueError, match="holds a quantized 'cifar_resnet20'"):
         MPQModule(backbone="cifar_resnet32", checkpoint_path=path)
+
+
+def test_weights_wider_than_eight_bits_are_refused_with_the_layer_named(tmp_path, calibrated_resnet):
+    model, plan, _, pairs = calibrated_resnet()
+    name = plan.names[3]
+    quant_layers(model)[name].weight_quantizer.bits = 16
+    with pytest.raises(QuantizedExportError, match=f"layer '{name}' has 16-bit weights"):
+        write(model, plan, RESNET_SETTINGS, tmp_path, pairs=pairs)

@@ -44,6 +44,12 @@ MIN_STEP = 1e-8
 """Smallest step used in a forward pass: a step driven to zero or below by an update would divide by zero."""
 
 
+MAX_LEARNED_BITS = 8
+"""Steps are learned up to this width. Above it a step is ~1e-5 of the range (16 bits): one update at the weights'
+learning rate moves it by more than itself, and a step driven to :data:`MIN_STEP` collapses the layer (a W16A16 run
+fell to chance); the rounding error there is negligible anyway, so the calibrated step stays."""
+
+
 def lsq_gradient_scale(elements_per_step: int, qmax: int) -> float:
     """The paper's step-gradient scale ``1 / sqrt(N * Q_P)`` (``N`` elements share the step, ``Q_P = qmax``)."""
     return 1.0 / math.sqrt(max(int(elements_per_step), 1) * max(int(qmax), 1))
@@ -134,8 +140,8 @@ class LearnedStepWeightQuantizer(WeightQuantizer):
 
     @torch.no_grad()
     def init_step(self, weight: Tensor, version: tuple[int, ...] | None = None) -> None:
-        """Start the step at this quantizer's current parameters for ``weight`` at its bit width."""
-        if self.bits is None:
+        """Start the step at this quantizer's current parameters for ``weight`` at its bit width (up to 8 bits)."""
+        if self.bits is None or self.bits > MAX_LEARNED_BITS:
             self.step_bits = None
             return
         scale, zero_point = super().qparams(weight, self.bits, version)
@@ -196,8 +202,8 @@ class LearnedStepActivationQuantizer(ActivationQuantizer):
 
     @torch.no_grad()
     def init_step(self) -> None:
-        """Start the step at the calibrated parameters at this quantizer's bit width."""
-        if self.bits is None:
+        """Start the step at the calibrated parameters at this quantizer's bit width (up to 8 bits)."""
+        if self.bits is None or self.bits > MAX_LEARNED_BITS:
             self.step_bits = None
             return
         scale, zero_point = super().qparams(self.bits)
@@ -269,7 +275,8 @@ def init_learned_steps(model: nn.Module) -> int:
     """Start every learned step at its quantizer's calibrated parameters at its current bit width.
 
     Returns:
-        The number of steps that are now trained (quantizers at None bits are left float).
+        The number of steps that are now trained (quantizers at None bits are left float, those above
+        :data:`MAX_LEARNED_BITS` keep their calibrated parameters).
     """
     from lit_mpq.quant.apply import quant_layers
 

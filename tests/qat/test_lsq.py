@@ -172,3 +172,15 @@ def test_other_bit_widths_keep_the_calibrated_parameters():
     assert torch.equal(layer.quantize_weight(8).detach(), expected_8)  # a probe at 8 bits sees the usual grid
     scale, _ = layer.weight_quantizer.qparams(layer.weight, 4)
     assert torch.equal(scale, layer.weight_quantizer.step.detach())
+
+
+def test_steps_above_eight_bits_are_not_learned():
+    model, x = _quantized(bits=16)
+    add_learned_steps(model)
+    assert init_learned_steps(model) == 0  # a 16-bit step is too small for the weights' learning rate
+    with torch.no_grad():
+        reference = model(x)
+    layer = quant_layers(model)["0"]
+    with torch.no_grad():
+        layer.weight_quantizer.step.mul_(100.0)  # not used at 16 bits
+        assert torch.equal(model(x), reference)

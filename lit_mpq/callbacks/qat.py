@@ -24,13 +24,14 @@ import dataclasses
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import require_plan, timer
 from lit_mpq.callbacks._training import check_training_setup, run_post_training_steps, write_training_outputs
 from lit_mpq.qat.distill import distillation_loss
 from lit_mpq.qat.lsq import (
+    MIN_STEP,
     LearnedStepActivationQuantizer,
     LearnedStepWeightQuantizer,
     add_learned_steps,
@@ -121,6 +122,21 @@ class QuantizationAwareTraining(Callback):
             "start": dataclasses.asdict(start),
         }
         self._fit_start = timer()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        collapsed = [
+            name
+            for name, module in pl_module.model.named_modules()
+            if isinstance(module, LearnedStepWeightQuantizer | LearnedStepActivationQuantizer)
+            and module.step_bits is not None
+            and bool((module.step.detach() <= 10 * MIN_STEP).any())
+        ]
+        if collapsed:  # every value of such a layer rounds to its zero point: the model is broken, say so
+            rank_zero_warn(
+                f"{len(collapsed)} learned quantization steps collapsed to ~0 (first: {collapsed[0]}): lower "
+                "QuantizationAwareTraining.step_lr_scale or the learning rate"
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -29,6 +29,16 @@ def require_shared(*names: str) -> Path:
     return SHARED_DATA
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, split the cores between the workers: two workers with two intra-op threads each on a
+    two-core machine would spend their time descheduling each other's OpenMP threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or workers) // workers))
+
+
 @pytest.fixture
 def single_thread():
     """One intra-op thread (restored afterwards): small tensors and many ops run faster on shared cores, and float

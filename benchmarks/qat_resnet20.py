@@ -129,7 +129,9 @@ def curve(args: argparse.Namespace, out: Path) -> list[dict]:
 
 def learned(args: argparse.Namespace, out: Path) -> list[dict]:
     probe = SensitivityProbe(metric="fisher", candidate_bits=[2, 3, 4, 6, 8], subsample=1)
-    learning = BitWidthLearning(target_avg_bits=args.target_bits, candidate_bits=[2, 3, 4, 6, 8], penalty_weight=5.0)
+    learning = BitWidthLearning(
+        target_avg_bits=args.target_bits, candidate_bits=[2, 3, 4, 6, 8], penalty_weight=args.penalty_weight
+    )
     run = train(out, Uniform(w_bits=8, a_bits=4), args.epochs, learning, probe)
     record = run["record"]
     learned_plan = QuantPlan.from_yaml(run["folder"] / "plan.yaml")
@@ -188,6 +190,7 @@ def main() -> None:
     parser.add_argument("--high-bit-epochs", type=int, default=1, help="QAT epochs at W16A16 and W8A8")
     parser.add_argument("--lanes", default="curve,learned")
     parser.add_argument("--target-bits", type=float, default=4.0)
+    parser.add_argument("--penalty-weight", type=float, default=5.0, help="BitWidthLearning.penalty_weight")
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/qat_resnet20"))
     args = parser.parse_args()

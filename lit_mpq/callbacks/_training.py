@@ -79,3 +79,13 @@ def write_training_outputs(
         record = {**record, **write_packed_checkpoint(trainer, pl_module, out / "quantized.pt")}
         (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     return out
+
+
+def training_progress(trainer: pl.Trainer, pl_module: pl.LightningModule, fit_start: float) -> dict[str, Any]:
+    """Epochs, steps, wall time since ``fit_start`` and the optimizer settings, for a training record."""
+    return {
+        "epochs": int(trainer.current_epoch),
+        "steps": int(trainer.global_step),
+        "training_seconds": timer() - fit_start,
+        "optimizer": {k: pl_module.hparams.get(k) for k in ("optimizer", "lr", "weight_decay")},
+    }

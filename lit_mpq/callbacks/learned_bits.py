@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -26,7 +27,12 @@ from typing_extensions import override
 from lit_mpq.allocation.exact import ExactAllocation
 from lit_mpq.bits import effective_bits, parse_setting
 from lit_mpq.callbacks._common import require_plan, run_dir, timer
-from lit_mpq.callbacks._training import check_training_setup, run_post_training_steps, write_training_outputs
+from lit_mpq.callbacks._training import (
+    check_training_setup,
+    run_post_training_steps,
+    training_progress,
+    write_training_outputs,
+)
 from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.energy import uniform_energy
 from lit_mpq.plan import QuantPlan
@@ -106,6 +112,7 @@ class BitWidthLearning(Callback):
         self._budget = 0.0
         self._record: dict = {}
         self._fit_start = 0.0
+        self._last_total: torch.Tensor | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -148,13 +155,18 @@ class BitWidthLearning(Callback):
             w_bits, a_bits = parse_setting(self.energy_relative_to, "BitWidthLearning.energy_relative_to")
             self._budget = self.energy_ratio * uniform_energy(plan, model, w_bits, a_bits).total_pj / 1e6
 
-    def relaxed_total(self, pl_module: pl.LightningModule) -> torch.Tensor:
-        """The budget's quantity at the current continuous widths (differentiable)."""
-        quantizers = learned_bit_quantizers(pl_module.model)
-        total = torch.tensor(self._fixed_cost)
-        for name, quantizer in quantizers.items():
-            total = total + relaxed_cost(quantizer.continuous_bits(), self._costs[name]).cpu()
-        return total
+    def relaxed_total(self, widths: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The budget's quantity at continuous ``widths`` (``{layer: width}``; differentiable in them)."""
+        return self._fixed_cost + sum(relaxed_cost(width, self._costs[name]) for name, width in widths.items())
+
+    def current_widths(self, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """The learned layers' continuous widths now."""
+        return {name: q.continuous_bits() for name, q in learned_bit_quantizers(pl_module.model).items()}
+
+    def _penalty(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        total = self.relaxed_total(self.current_widths(pl_module))
+        self._last_total = total.detach()  # logged after the step, not computed twice
+        return self.penalty_weight * budget_penalty(total, self._budget)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -168,9 +180,7 @@ class BitWidthLearning(Callback):
                 first = self.init_bits if self.init_bits is not None else plan[name].w_bits or self.candidate_bits[-1]
                 quantizer.bit_width.fill_(float(min(max(first, self.candidate_bits[0]), self.candidate_bits[-1])))
                 quantizer.learning = True
-        pl_module.loss_terms["bit_penalty"] = lambda images, logits: (
-            self.penalty_weight * budget_penalty(self.relaxed_total(pl_module), self._budget)
-        )
+        pl_module.loss_terms["bit_penalty"] = lambda images, logits: self._penalty(pl_module)
         self._record = {
             "budget": self._budget_description(),
             "budget_value": self._budget,
@@ -183,7 +193,7 @@ class BitWidthLearning(Callback):
         }
         rank_zero_info(
             f"learning the weight bit widths of {len(quantizers)} layers toward {self._budget_description()} "
-            f"= {self._budget:.4g} (now {float(self.relaxed_total(pl_module)):.4g})"
+            f"= {self._budget:.4g} (now {float(self.relaxed_total(self.current_widths(pl_module))):.4g})"
         )
         self._fit_start = timer()
 
@@ -198,7 +208,8 @@ class BitWidthLearning(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         for quantizer in learned_bit_quantizers(pl_module.model).values():
             quantizer.project()
-        pl_module.log("bits/learned_budget_quantity", float(self.relaxed_total(pl_module)))
+        if self._last_total is not None:
+            pl_module.log("bits/learned_budget_quantity", float(self._last_total))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -218,12 +229,10 @@ class BitWidthLearning(Callback):
         spent = self._fixed_cost + sum(self._costs[name][bits] for name, bits in rounded.items())
         record = {
             **self._record,
-            "epochs": int(trainer.current_epoch),
-            "steps": int(trainer.global_step),
-            "training_seconds": timer() - self._fit_start,
+            **training_progress(trainer, pl_module, self._fit_start),
             "continuous_bits": widths,
             "rounded_bits": rounded,
-            "relaxed_value_at_end": float(self.relaxed_total_of(widths)),
+            "relaxed_value_at_end": float(self.relaxed_total({n: torch.tensor(w) for n, w in widths.items()})),
             "rounded_value": spent,
             "last_validation_before_rounding": {
                 k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
@@ -241,17 +250,11 @@ class BitWidthLearning(Callback):
             "penalty_weight": self.penalty_weight,
             "bits_lr_scale": self.bits_lr_scale,
             "epochs": record["epochs"],
-            **{k: pl_module.hparams.get(k) for k in ("optimizer", "lr", "weight_decay")},
+            **record["optimizer"],
         }
         pl_module.record.training = {"settings": settings, **record}  # in the packed file's card
         if self.save_checkpoint:
             write_training_outputs(trainer, pl_module, "learned_bits", record)
-
-    def relaxed_total_of(self, widths: dict[str, float]) -> float:
-        """The budget's quantity at given continuous widths."""
-        return self._fixed_cost + sum(
-            float(relaxed_cost(torch.tensor(w), self._costs[name])) for name, w in widths.items()
-        )
 
     def _exact_comparison(self, trainer: pl.Trainer, plan: QuantPlan, spent: float) -> dict | None:
         """The exact allocator's plan at the budget the rounded plan spends, when every candidate was probed."""

@@ -28,7 +28,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import require_plan, timer
-from lit_mpq.callbacks._training import check_training_setup, run_post_training_steps, write_training_outputs
+from lit_mpq.callbacks._training import (
+    check_training_setup,
+    run_post_training_steps,
+    training_progress,
+    write_training_outputs,
+)
 from lit_mpq.qat.distill import distillation_loss
 from lit_mpq.qat.lsq import (
     MIN_STEP,
@@ -143,14 +148,7 @@ class QuantizationAwareTraining(Callback):
         pl_module.loss_terms.pop("distill", None)
         freeze_learned_steps(pl_module.model)  # the outputs stay; the model is now a plain calibrated one
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        record = {
-            **self._record,
-            "epochs": int(trainer.current_epoch),
-            "steps": int(trainer.global_step),
-            "training_seconds": timer() - self._fit_start,
-            "last_validation": metrics,
-            "optimizer": {k: pl_module.hparams.get(k) for k in ("optimizer", "lr", "weight_decay")},
-        }
+        record = {**self._record, **training_progress(trainer, pl_module, self._fit_start), "last_validation": metrics}
         settings = {"method": "qat", "learn_steps": self.learn_steps, "step_lr_scale": self.step_lr_scale}
         settings |= {"distill_weight": self.distill_weight, "distill_temperature": self.distill_temperature}
         settings |= {"epochs": record["epochs"], **record["optimizer"]}

@@ -597,6 +597,8 @@ ENERGY_MODELS: dict[str, type[EnergyModel]] = {
     "horowitz": HorowitzEnergyModel,
     MaxBitWidthEnergyModel.name: MaxBitWidthEnergyModel,
     TableEnergyModel.name: TableEnergyModel,
+    # "memory_hierarchy" (MemoryHierarchyEnergyModel) is added by lit_mpq.energy.hierarchy, which imports this module;
+    # the package __init__ imports it, so the entry is there whenever lit_mpq.energy is imported.
 }
 """Energy models by name (aliases included), for ``build_energy_model`` and config files."""
 
@@ -605,8 +607,8 @@ def build_energy_model(name: str, init_args: Mapping[str, Any] | None = None) ->
     """Build an energy model from its name, with its default constants unless ``init_args`` overrides them.
 
     Args:
-        name: A key of :data:`ENERGY_MODELS` (case-insensitive), e.g. ``"horowitz45nm"``, ``"max_bit_width"`` or
-            ``"table"``.
+        name: A key of :data:`ENERGY_MODELS` (case-insensitive), e.g. ``"horowitz45nm"``, ``"max_bit_width"``,
+            ``"table"`` or ``"memory_hierarchy"``.
         init_args: Constructor arguments, as in a config file's ``init_args``; ``"table"`` needs ``mac_pj``.
 
     Returns:

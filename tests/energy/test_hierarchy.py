@@ -17,6 +17,7 @@ import math
 import warnings
 
 import pytest
+import torch
 from jsonargparse import ArgumentParser
 
 from lit_mpq.energy import (
@@ -30,7 +31,9 @@ from lit_mpq.energy import (
     hierarchy_report,
 )
 from lit_mpq.energy.hierarchy import horowitz_sram_pj_per_bit
+from lit_mpq.models import create_backbone
 from lit_mpq.plan import LayerSpec, QuantPlan
+from lit_mpq.quant.apply import QuantSettings, measure_model, quantize_model
 
 CONV = LayerSpec(
     name="conv", kind="conv2d", params=8 * 4 * 9, macs=8 * 32 * 32 * 4 * 9, act_in=4 * 32 * 32, act_out=8 * 32 * 32
@@ -231,6 +234,52 @@ def test_hierarchy_energy_adds_and_converts():
     assert (a.rf_pj, a.sram_pj, a.dram_pj, a.total_pj) == (5.0, 4.0, 11.0, 21.0)
     assert a.terms() == EnergyTerms(1.0, 2.0 + 5.0, 3.0 + 4.0 + 6.0)
     assert a.to_dict()["total_pj"] == 21.0
+
+
+# ----------------------------------------------------------------------------------------- ResNet-20
+def test_resnet20_worked_example():
+    # docs/energy_model.md, "Memory-hierarchy model": 108 KB SRAM, batch 4, the plan measured from the model itself.
+    model = create_backbone("cifar_resnet20")
+    quantize_model(model, QuantSettings())
+    plan = measure_model(model, torch.zeros(1, 3, 32, 32))
+    assert sum(s.macs for s in plan.specs.values()) == 40_551_040
+    assert sum(s.params for s in plan.specs.values()) == 268_336
+    assert sum(s.act_in for s in plan.specs.values()) == 187_456
+    hierarchy = MemoryHierarchyEnergyModel(sram_bytes=108 * 1024, batch_size=4)
+    sram = 20 * (108 / 32) ** (math.log(5) / math.log(32)) / 64  # Horowitz 32 KB -> 1 MB, at 108 KB: 0.5498 pJ/bit
+
+    # One layer by hand: layer1.0.conv1, 16 -> 16 channels, 3x3 at 32x32.
+    spec = plan.specs["layer1.0.conv1"]
+    assert (spec.params, spec.macs, spec.act_in, spec.act_out) == (2304, 2_359_296, 16_384, 16_384)
+    # W4A4: working set 4 * (16384 * 4 + 16384 * 4) / 8 = 65,536 B <= 110,592 B: on chip.
+    assert hierarchy.levels(spec, 4, 4).total_pj == pytest.approx(
+        2_359_296 * 0.0575 + 2_359_296 * 8 * 0.0575 + 2 * 16_384 * 4 * sram + 2304 * 4 * 20 / 4
+    )  # 135,659.52 + 1,085,276.16 + 72,058.08 + 46,080 = 1,339,073.76 pJ
+    # W8A8: 131,072 B > 110,592 B: the activations go to DRAM.
+    assert hierarchy.levels(spec, 8, 8).total_pj == pytest.approx(
+        2_359_296 * 0.23 + 2_359_296 * 16 * 0.0575 + 2 * 16_384 * 8 * 20 + 2304 * 8 * 20 / 4
+    )  # 542,638.08 + 2,170,552.32 + 5,242,880 + 92,160 = 8,048,230.4 pJ
+    assert hierarchy.activations_on_chip(spec, 8, 6)  # 98,304 B
+
+    # The whole network. W4A4: every layer on chip.
+    w4a4 = 40_551_040 * 0.0575 + 40_551_040 * 8 * 0.0575 + 2 * 187_456 * 4 * sram + 268_336 * 4 * 20 / 4
+    plan.set_bits({name: (4, 4) for name in plan.names})
+    assert hierarchy_report(plan, hierarchy)["spilled"] == []
+    assert energy_report(plan, hierarchy)["total_uj_per_image"] == pytest.approx(w4a4 / 1e6)  # 27.18 µJ
+    # W8A8: the six stage-1 convolutions (16,384 input elements each, 98,304 in all) spill.
+    w8a8 = (
+        40_551_040 * 0.23
+        + 40_551_040 * 16 * 0.0575
+        + 2 * (187_456 - 98_304) * 8 * sram
+        + 2 * 98_304 * 8 * 20
+        + 268_336 * 8 * 20 / 4
+    )
+    plan.set_bits({name: (8, 8) for name in plan.names})
+    report = hierarchy_report(plan, hierarchy)
+    assert report["spilled"] == [f"layer1.{block}.conv{conv}" for block in range(3) for conv in (1, 2)]
+    assert report["levels_uj_per_image"]["total"] == pytest.approx(w8a8 / 1e6)  # 89.61 µJ
+    assert report["levels_uj_per_image"]["rf"] == pytest.approx(40_551_040 * 16 * 0.0575 / 1e6)  # 37.31 µJ
+    assert energy_report(plan, hierarchy)["relative_to_int8"] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------- selection

@@ -46,7 +46,7 @@ SETTINGS = {"w4a8": (4, 8, 8), "w4a4": (4, 4, 8), "w4a4_all": (4, 4, None), "w3a
 METHODS = ("nearest", "bias_corr", "gptq", "gpfq")
 
 
-def lit_mpq_row(setting: str, method: str, out: Path) -> dict:
+def lit_mpq_row(setting: str, method: str, out: Path, gpfq_refine_passes: int = 0) -> dict:
     """One lit_mpq ``validate``: top-1 and the rounding time."""
     w_bits, a_bits, first_last = SETTINGS[setting]
     cli = cli_main(quiet_run_args(CONFIG, out), run=False)
@@ -55,7 +55,10 @@ def lit_mpq_row(setting: str, method: str, out: Path) -> dict:
         if isinstance(callback, BitAllocator):
             callback.policy, callback.first_last_bits = Uniform(w_bits, a_bits), first_last
             rounding = method if method in ("gptq", "gpfq") else "nearest"
-            callbacks.insert(position + 1, WeightRounding(method=rounding))
+            callbacks.insert(
+                position + 1,
+                WeightRounding(method=rounding, refine_passes=gpfq_refine_passes if rounding == "gpfq" else 0),
+            )
         if isinstance(callback, Calibration):
             callback.settings = dataclasses.replace(callback.settings, bias_correction=method == "bias_corr")
     callbacks[:] = [callback for callback in callbacks if not isinstance(callback, SensitivityProbe)]
@@ -115,19 +118,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--gpfq-refine-passes",
+        type=int,
+        default=0,
+        help="coordinate-descent passes after lit_mpq's GPFQ (WeightRounding.refine_passes); GPTQ runs without",
+    )
+    parser.add_argument("--no-peer", action="store_true", help="lit_mpq's rows only (no Brevitas run)")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/rounding_resnet20"))
     args = parser.parse_args()
     table = []
     for setting in args.settings:
-        ours = {method: lit_mpq_row(setting, method, args.out) for method in args.methods}
-        theirs = peer_rows(setting, list(args.methods))
+        ours = {method: lit_mpq_row(setting, method, args.out, args.gpfq_refine_passes) for method in args.methods}
+        theirs = {} if args.no_peer else peer_rows(setting, list(args.methods))
         for method in args.methods:
             peer = theirs.get(method, {})
             table.append((setting, method, ours[method], peer))
             brief = {key: value for key, value in ours[method].items() if key != "correct"}
             peer_brief = {key: value for key, value in peer.items() if key != "correct"}
             print(f"{setting} {method}: lit_mpq {brief}, Brevitas {peer_brief}", file=sys.stderr, flush=True)
-    print(f"\n`python benchmarks/rounding_resnet20.py --settings {' '.join(args.settings)}`\n")
+    refine = f" --gpfq-refine-passes {args.gpfq_refine_passes}" if args.gpfq_refine_passes else ""
+    print(f"\n`python benchmarks/rounding_resnet20.py --settings {' '.join(args.settings)}{refine}`\n")
     print(
         "| setting | method | lit_mpq top-1 | Brevitas top-1 | difference | McNemar p | lit_mpq rounding s "
         "| Brevitas rounding s | time ratio |"

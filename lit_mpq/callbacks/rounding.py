@@ -61,6 +61,9 @@ class WeightRounding(Callback):
         act_order: GPTQ rounds columns in order of decreasing Hessian diagonal.
         alphabet_scalar: GPFQ only: the alphabet's step from ``C · median|w|`` of each layer (the source project's
             rule) instead of the weight quantizer's own scales.
+        refine_passes: Passes of coordinate descent on the method's own objective after its greedy pass, each
+            weight moved to its best level with the others fixed (:mod:`lit_mpq.rounding.refine`; never raises the
+            objective); 0 runs the published algorithm alone.
 
     Raises:
         ValueError: On an unknown method or upstream, a negative ``damp``, a non-positive ``num_samples`` or
@@ -76,6 +79,7 @@ class WeightRounding(Callback):
         block_size: int = 128,
         act_order: bool = False,
         alphabet_scalar: float | None = None,
+        refine_passes: int = 0,
     ) -> None:
         if num_samples is not None and (isinstance(num_samples, bool) or num_samples <= 0):
             raise ValueError(f"WeightRounding.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -86,6 +90,7 @@ class WeightRounding(Callback):
             block_size=block_size,
             act_order=act_order,
             alphabet_scalar=alphabet_scalar,
+            refine_passes=refine_passes,
         )
         self.num_samples = num_samples
         self.cache = RoundingCache()

@@ -41,6 +41,7 @@ from lit_mpq.rounding.gpfq import gpfq_round, median_alphabet_scale
 from lit_mpq.rounding.gptq import gptq_round
 from lit_mpq.rounding.grid import Grid, as_groups
 from lit_mpq.rounding.lockstep import Lockstep
+from lit_mpq.rounding.refine import coordinate_descent
 
 METHODS = ("nearest", "gptq", "gpfq")
 UPSTREAM = ("quantized", "float")
@@ -60,6 +61,8 @@ class RoundingSettings:
         act_order: GPTQ rounds columns in order of decreasing Hessian diagonal.
         alphabet_scalar: GPFQ's ``C``: alphabet step from ``C · median|w|`` (:func:`median_alphabet_scale`) instead of
             the weight quantizer's own scales; null keeps the quantizer's grid.
+        refine_passes: Passes of coordinate descent on the method's own objective after its greedy pass
+            (:mod:`lit_mpq.rounding.refine`); 0 keeps the published algorithm as it is.
     """
 
     method: str = "nearest"
@@ -68,6 +71,7 @@ class RoundingSettings:
     block_size: int = 128
     act_order: bool = False
     alphabet_scalar: float | None = None
+    refine_passes: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +84,8 @@ class RoundingSettings:
             raise ValueError(f"rounding block_size must be a positive integer (e.g. 128), got {self.block_size!r}")
         if self.alphabet_scalar is not None and not self.alphabet_scalar > 0:
             raise ValueError(f"rounding alphabet_scalar must be positive or null, got {self.alphabet_scalar!r}")
+        if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
+            raise ValueError(f"rounding refine_passes must be an integer >= 0, got {self.refine_passes!r}")
         if self.alphabet_scalar is not None and self.method != "gpfq":
             raise ValueError("rounding alphabet_scalar is GPFQ's alphabet rule; set method: gpfq or leave it null")
 
@@ -471,6 +477,9 @@ class _Work:
             rounded = gptq_round(weight, gram, grid, settings.damp, settings.block_size, settings.act_order)
         else:
             rounded = gpfq_round(weight, cross, gram, grid, settings.block_size)
+        if settings.refine_passes:
+            linear, quadratic = method_objective(settings, weight, gram, cross)
+            rounded = coordinate_descent(rounded, linear, quadratic, grid, settings.refine_passes)
         rounded_weight = rounded.reshape(target.shape).to(target.dtype)
         layer.weight_quantizer.set_rounded(bits, target, rounded_weight)
         errors = tuple(_relative_error(weight, q, gram, cross, float_energy) for q in (grid.round(weight), rounded))
@@ -484,6 +493,22 @@ class _Work:
                 f"{name}: W{bits} output error {record.error_nearest:.3g} nearest -> {record.error_rounded:.3g} "
                 f"{settings.method} ({record.seconds:.1f} s)"
             )
+
+
+def method_objective(
+    settings: RoundingSettings, weight: Tensor, gram: Tensor, cross: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(b, B)`` of the method's objective ``qᵀ B q - 2 qᵀ b`` (:mod:`lit_mpq.rounding.refine`), float64.
+
+    GPFQ: ``b = X~ᵀ X w``, ``B = X~ᵀ X~``. GPTQ: ``B = H`` dampened as GPTQ dampens it, ``b = H w``.
+    """
+    w, gram = weight.double(), gram.double()
+    if settings.method == "gpfq":
+        return w @ cross.double().transpose(1, 2), gram
+    hessian = gram.clone()
+    diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1)
+    diagonal += settings.damp * diagonal.mean(dim=-1, keepdim=True)
+    return w @ hessian, hessian
 
 
 def _float_copy(model: nn.Module) -> nn.Module:

@@ -325,3 +325,35 @@ def test_each_sweep_point_ships_its_own_packed_model(tmp_path):
         plans.append(loaded.plan.bits())
         assert plans[-1] == QuantPlan.from_yaml(folder / "plan.yaml").bits()
     assert len({str(p) for p in plans}) == len(plans)  # each point shipped its own allocation
+
+
+def test_without_a_logger_each_point_keeps_its_plan_and_the_config_run_keeps_its_own(tmp_path):
+    """With ``logger: false`` the run folder is ``default_root_dir``; the points' plans must not overwrite the
+    config run's ``plan.yaml`` there (they go to each point's folder, beside its ``results.json``)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(
+            [
+                "sweep",
+                "--config",
+                str(REPO / "configs" / "default.yaml"),
+                "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false",
+                "--budgets=[1.0]",
+                "--relative_to=W6A6",
+                "--baselines=[W8A8, W4A4]",
+                "--seed_rule=false",
+            ]
+        )
+    config_results = json.loads((tmp_path / "results.json").read_text())
+    config_plan = QuantPlan.from_yaml(tmp_path / "plan.yaml")
+    assert config_plan.average_weight_bits() == pytest.approx(config_results["avg_weight_bits"])
+    assert config_plan.average_act_bits() == pytest.approx(config_results["avg_act_bits"])
+    points = [folder for folder in sorted((tmp_path / "sweep").iterdir()) if folder.is_dir()]
+    assert len(points) == 3
+    for folder in points:
+        results = json.loads((folder / "results.json").read_text())
+        plan = QuantPlan.from_yaml(folder / "plan.yaml")
+        assert plan.average_weight_bits() == pytest.approx(results["avg_weight_bits"]), folder.name
+        assert plan.average_act_bits() == pytest.approx(results["avg_act_bits"]), folder.name

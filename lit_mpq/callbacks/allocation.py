@@ -12,6 +12,8 @@ stop the run before calibration and probing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
@@ -71,6 +73,8 @@ class BitAllocator(Callback):
             key: value if isinstance(value, BitOverride) else BitOverride(**value)
             for key, value in (overrides or {}).items()
         }
+        self.output_dir: str | None = None
+        """Where ``plan.yaml`` goes; None: the run's folder. A sweep points it at each point's folder."""
         self._done = False
 
     @override
@@ -109,6 +113,9 @@ class BitAllocator(Callback):
         seconds = timer() - start
         pl_module.record.allocation = AllocationRecord(policy=self.policy.describe(), seconds=seconds, pinned=pinned)
         out = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank asks
+        if self.output_dir is not None:
+            out = Path(self.output_dir)
         if trainer.is_global_zero:
+            out.mkdir(parents=True, exist_ok=True)
             plan.to_yaml(out / "plan.yaml")
         pl_module.log("time/allocation_s", seconds)

@@ -76,15 +76,17 @@ def _point_run(trainer: pl.Trainer, reports: Sequence[Report], sweep_dir: Path, 
         report.print_summary = False
         # The probe is the config run's: its figures are there, and would be the same in every point.
         report.probe_figures = False
-    exports = [callback for callback in trainer.callbacks if isinstance(callback, Export)]
-    saved_exports = [export.output_dir for export in exports]
-    for export in exports:  # each point ships its own quantized.pt and model.onnx, beside its results
-        export.output_dir = str(sweep_dir / name)
+    # Each point ships its own quantized.pt and model.onnx, and its own plan.yaml, beside its results (without a
+    # logger the run folder is default_root_dir, the config run's: every point would overwrite its plan there).
+    redirected = [callback for callback in trainer.callbacks if isinstance(callback, Export | BitAllocator)]
+    saved_dirs = [callback.output_dir for callback in redirected]
+    for callback in redirected:
+        callback.output_dir = str(sweep_dir / name)
     try:
         yield
     finally:
-        for export, output_dir in zip(exports, saved_exports, strict=True):
-            export.output_dir = output_dir
+        for callback, output_dir in zip(redirected, saved_dirs, strict=True):
+            callback.output_dir = output_dir
         trainer.loggers = loggers
         for report, (output_dir, print_summary, probe_figures) in zip(reports, saved, strict=True):
             report.output_dir, report.print_summary, report.probe_figures = output_dir, print_summary, probe_figures

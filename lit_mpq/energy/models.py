@@ -26,7 +26,8 @@ Two alternatives share the memory terms and change only the MAC energy:
 * :class:`TableEnergyModel` (``"table"``): per-MAC energies supplied by the user for each ``"W<bw>A<ba>"`` pair,
   e.g. measured on a target chip.
 
-All three are selected in a config file with ``class_path`` / ``init_args``.
+All three (and :class:`~lit_mpq.energy.hierarchy.MemoryHierarchyEnergyModel`) are selected in a config file with
+``class_path`` / ``init_args``.
 
 Example:
     >>> from lit_mpq.plan import LayerSpec

@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before, require_plan, strategy_reduce
 from lit_mpq.callbacks.calibration import Calibration
-from lit_mpq.energy import EnergyModel, HorowitzEnergyModel, energy_report
+from lit_mpq.energy import EnergyModel, HorowitzEnergyModel, MemoryHierarchyEnergyModel, energy_report, hierarchy_report
 from lit_mpq.energy.measure import PhaseMeter, codecarbon_tracker, select_counters
 
 UNAVAILABLE = "unavailable"
@@ -129,7 +129,10 @@ class EnergyMeter(Callback):
             return
         if getattr(pl_module, "phase_meter", None) is not None:
             pl_module.phase_meter.stop("evaluation")
-        report = energy_report(require_plan(pl_module, "EnergyMeter"), self.energy_model)
+        plan = require_plan(pl_module, "EnergyMeter")
+        report = energy_report(plan, self.energy_model)
+        if isinstance(self.energy_model, MemoryHierarchyEnergyModel):  # where the energy goes, level by level
+            report["hierarchy"] = hierarchy_report(plan, self.energy_model)
         images = int(strategy_reduce(trainer)(torch.tensor(self._images, dtype=torch.int64), "sum"))
         measured, throughput = self._measured(trainer, pl_module, images)
         if self._tracker is not None:
@@ -145,6 +148,9 @@ class EnergyMeter(Callback):
         pl_module.log("energy/mac_uj_per_image", report["mac_uj_per_image"])
         pl_module.log("energy/weight_mem_uj_per_image", report["weight_mem_uj_per_image"])
         pl_module.log("energy/act_mem_uj_per_image", report["act_mem_uj_per_image"])
+        for level, value in report.get("hierarchy", {}).get("levels_uj_per_image", {}).items():
+            if level != "total":
+                pl_module.log(f"energy/{level}_uj_per_image", value)
         pl_module.log("time/eval_images_per_s", throughput)
         if measured["status"] == "ok":  # the same on every rank (reduced above), so the keys match
             pl_module.log("energy/measured_eval_j_per_image", measured["eval_j_per_image"])

@@ -185,3 +185,25 @@ def test_the_meter_before_calibration_is_refused_at_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match="add lit_mpq.callbacks.Calibration"):
         trainer.validate(module, digits(), verbose=False)
     assert module.record.energy is None
+
+
+def test_a_memory_hierarchy_meter_records_where_the_energy_goes(tmp_path):
+    """Every layer at W8A8 on a 1 MB SRAM (everything fits), batch 1, worked by hand from the cited constants: MAC 0.23
+    pJ, both operands read from the register file at 0.0575 pJ/bit (Eyeriss: RF = one 16-bit MAC), weights from DRAM
+    at 20 pJ/bit, each input activation written to and read from the SRAM at 100/64 pJ/bit (Horowitz: 1 MB, 100 pJ
+    per 64-bit access)."""
+    from lit_mpq.energy import MemoryHierarchyEnergyModel
+
+    meter = EnergyMeter(energy_model=MemoryHierarchyEnergyModel(sram_bytes=1024 * 1024, batch_size=1), measure=[])
+    run = metered_run(tmp_path, Calibration(), meter)
+    macs, params, inputs = sum(MACS.values()), sum(PARAMS.values()), sum(INPUTS.values())
+    levels = run.energy["hierarchy"]["levels_uj_per_image"]
+    assert levels["mac"] == pytest.approx(macs * 0.23 / 1e6, rel=1e-9)
+    assert levels["rf"] == pytest.approx(macs * 16 * 0.0575 / 1e6, rel=1e-9)
+    assert levels["dram"] == pytest.approx(params * 8 * 20.0 / 1e6, rel=1e-9)
+    assert levels["sram"] == pytest.approx(2 * inputs * 8 * 100.0 / 64 / 1e6, rel=1e-9)
+    assert run.energy["total_uj_per_image"] == pytest.approx(levels["total"], rel=1e-9)
+    assert run.energy["hierarchy"]["spilled"] == []
+    metrics = run.trainer.callback_metrics
+    for level in ("mac", "rf", "sram", "dram"):
+        assert float(metrics[f"energy/{level}_uj_per_image"]) == pytest.approx(levels[level], rel=1e-6)

@@ -1,6 +1,7 @@
 """Lightning callbacks that run quantization during ``trainer.validate`` (and, for training, ``fit``), one per file."""
 
 from lit_mpq.callbacks.allocation import BitAllocator, BitOverride
+from lit_mpq.callbacks.analog import AnalogNoise
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.export import Export
@@ -14,6 +15,7 @@ from lit_mpq.callbacks.rounding import WeightRounding
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
 
 __all__ = [
+    "AnalogNoise",
     "AttentionRefinement",
     "BitAllocator",
     "BitOverride",

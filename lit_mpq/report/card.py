@@ -152,6 +152,7 @@ def build_card(
     weight_rounding: Mapping[str, Any] | None = None,
     pruning: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    analog_noise: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -193,6 +194,8 @@ def build_card(
         pruning: Settings of the pruning before quantization (``Pruning``), or ``None`` when nothing was pruned.
         training: Settings of the training under quantization (``QuantizationAwareTraining``, ``BitWidthLearning``),
             or ``None`` for a post-training model.
+        analog_noise: Settings of the analog noise the evaluation ran with (``AnalogNoise``: model, sigma, mean
+            energy per MAC, allocated or uniform), or ``None`` for a noise-free evaluation.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -242,6 +245,7 @@ def build_card(
         "rounding_settings": dict(weight_rounding) if _data_driven(weight_rounding) else None,
         "pruning": dict(pruning) if pruning else None,
         "training": dict(training) if training else None,
+        "analog_noise": dict(analog_noise) if analog_noise else None,
         "sensitivity_metric": sensitivity_metric,
         "policy": policy,
         "bits_candidates": candidates,

@@ -141,6 +141,8 @@ class RunRecord:
         pruning: Set by ``Pruning``: its settings, the sparsity, effective MACs, dense and sparsity-aware energy.
         training: Set by ``QuantizationAwareTraining`` / ``BitWidthLearning`` at the end of ``fit``: settings, epochs,
             time, the last validation metrics (and the learned widths).
+        analog: Set by ``AnalogNoise``: the noise settings, each layer's energy per MAC, the analog MAC energy beside
+            the digital model's, and (when allocated) the noise sensitivities and the solver's result.
         seed_everything: The run's global seed, as configured (``None`` when none was set).
     """
 
@@ -154,6 +156,7 @@ class RunRecord:
     export: dict[str, Any] | None = None
     pruning: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
+    analog: dict[str, Any] | None = None
     seed_everything: int | None = None
 
     def to_dict(self) -> dict[str, Any]:

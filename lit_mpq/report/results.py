@@ -124,6 +124,7 @@ def run_card(
         weight_rounding=record.rounding.settings if record.rounding is not None else None,
         pruning=record.pruning.get("settings") if record.pruning else None,
         training=record.training.get("settings") if record.training else None,
+        analog_noise=record.analog.get("settings") if record.analog else None,
     )
 
 

@@ -43,8 +43,9 @@ __all__ = ["CARD_FORMAT_VERSION", "build_card", "write_card"]
 CARD_FORMAT_VERSION = 1
 
 BN_NOT_FOLDED_PER_CHANNEL = (
-    "not folded (BatchNorm kept in float after the quantized convolution; per-channel weight quantization is "
-    "invariant to folding)"
+    "not folded (BatchNorm kept in float after the quantized convolution, if the model has any; per-channel weight "
+    "quantization is invariant to folding except at the edge of the signed grid, which has one level more below zero: "
+    "a channel's largest weight, or all of a channel whose BatchNorm scale is negative, can round differently)"
 )
 BN_NOT_FOLDED = "not folded"
 BN_FOLDED = "folded into the preceding convolution's weights and bias before quantization"
@@ -83,8 +84,10 @@ def batchnorm_folding_text(bn_folded: bool, weight_granularity: str) -> str:
     """How BatchNorm was handled, in words.
 
     Folding BatchNorm scales each output channel's weights by a positive or negative constant; a per-channel
-    weight quantizer derives one scale per output channel, so its result is the same (up to the sign, which a
-    symmetric range absorbs) whether BatchNorm was folded first or not. A per-tensor quantizer is not invariant.
+    weight quantizer derives one scale per output channel, so its result is nearly the same whether BatchNorm was
+    folded first or not: the signed grid (-8..7 at 4 bits, scale ``max|w| / 7.5``) puts a channel's largest weight on
+    a rounding tie, and a negative BatchNorm scale swaps which side clips, so a few codes differ (542 of 267,696 on
+    ResNet-20 at W4A8, docs/confounders.md). A per-tensor quantizer is not invariant.
 
     Args:
         bn_folded: True if BatchNorm was folded into the convolution before quantization.

@@ -60,17 +60,23 @@ def _allocator(w_bits: int, a_bits: int) -> dict:
     }
 
 
-def test_qat_model_reloads_with_the_same_top1_and_training_improves_on_ptq(tmp_path):
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_qat_model_reloads_with_the_same_top1_and_training_improves_on_ptq(tmp_path, rounding):
+    """W2A3 digits. From nearest rounding PTQ loses ~14 points and two epochs of QAT win most of them back; from
+    GPTQ the start is within ~4 points of FP32 and two epochs land within about one point of it either way (450
+    images: one image is 0.22 points, and thread counts change the trajectory), so only the nearest start is asked
+    to improve. Both starts must reload bit for bit, the GPTQ roundings having become the weights."""
     callbacks = [
         _allocator(2, 3),
-        {"class_path": "lit_mpq.callbacks.WeightRounding", "init_args": {"method": "gptq"}},
-        {"class_path": "lit_mpq.callbacks.QuantizationAwareTraining"},
+        {"class_path": "lit_mpq.callbacks.WeightRounding", "init_args": {"method": rounding}},
     ]
+    callbacks.append({"class_path": "lit_mpq.callbacks.QuantizationAwareTraining"})
     config = _config(tmp_path, callbacks, epochs=2)
     main(["fit", "--config", str(config)])
     run = tmp_path / "run"
     record = json.loads((run / "qat.json").read_text())
-    assert record["start"] == {"rounded_weights": 4, "frozen_bias_corrections": 4, "learned_steps": 8}
+    rounded = 4 if rounding == "gptq" else 0
+    assert record["start"] == {"rounded_weights": rounded, "frozen_bias_corrections": 4, "learned_steps": 8}
     trained_top1 = record["last_validation"]["val/top1"]
 
     # the same post-training model, evaluated without training (validate with the same callbacks but QAT)
@@ -83,7 +89,8 @@ def test_qat_model_reloads_with_the_same_top1_and_training_improves_on_ptq(tmp_p
         ]
     )
     ptq_top1 = ptq.trainer.callback_metrics["val/top1"].item()
-    assert trained_top1 > ptq_top1 + 1.0, (ptq_top1, trained_top1)  # W2A3 digits: PTQ loses points QAT wins back
+    if rounding == "nearest":
+        assert trained_top1 > ptq_top1 + 5.0, (ptq_top1, trained_top1)
 
     reloaded = main(
         [
@@ -100,7 +107,8 @@ def test_qat_model_reloads_with_the_same_top1_and_training_improves_on_ptq(tmp_p
     assert set(plan.bits().values()) == {(2, 3)}
     card = load_quantized(run / "quantized.pt").card
     assert card["training"]["method"] == "qat" and card["training"]["learn_steps"] is True
-    assert card["rounding_settings"]["method"] == "gptq"
+    if rounding == "gptq":  # nearest rounding records no data-driven rounding
+        assert card["rounding_settings"]["method"] == "gptq"
 
 
 def test_learned_bit_widths_meet_their_average_and_compare_with_the_exact_allocator(tmp_path):

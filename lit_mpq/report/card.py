@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -268,9 +269,27 @@ def build_card(
         },
         "lit_mpq_version": lit_mpq.__version__,
         "torch_version": str(torch.__version__),
+        "library_versions": library_versions(),
         "seed_everything": seed_everything,
     }
     return to_plain(card)
+
+
+NUMERIC_LIBRARIES = ("numpy", "scipy", "lightning", "torchvision", "timm")
+"""Libraries besides torch whose versions a card records: a fresh environment with the same torch moved recorded
+ResNet-20 results by up to 10 test images (docs/qat.md, docs/rounding.md), so a number is only comparable with the
+versions it was measured with."""
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of :data:`NUMERIC_LIBRARIES` (None for one that is not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def write_card(path: str | Path, card: Mapping[str, Any]) -> Path:

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import scipy
 import torch
 import yaml
 
@@ -38,6 +39,7 @@ REQUIRED_KEYS = {
     "bits_candidates",
     "lit_mpq_version",
     "torch_version",
+    "library_versions",
     "seed_everything",
 }
 
@@ -98,6 +100,8 @@ def test_required_keys_and_values():
     assert card["energy_model"]["constants"]["mult8_pj"] == 0.2
     assert card["lit_mpq_version"] == lit_mpq.__version__
     assert card["torch_version"] == str(torch.__version__) and type(card["torch_version"]) is str
+    assert card["library_versions"]["numpy"] == np.__version__
+    assert card["library_versions"]["scipy"] == scipy.__version__
     assert card["seed_everything"] == 1234
     assert card["plan"]["pinned"] == ["stem", "fc"] and card["plan"]["layers"] == 3
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -42,6 +45,43 @@ def fresh_run_dir(out: Path) -> Path:
         k += 1
     (out / f"run_{k}").mkdir(parents=True)
     return out / f"run_{k}"
+
+
+def quiet_sweep(config: dict, out: Path, label: str, sweep_args: Sequence[str]) -> tuple[Path, float]:
+    """Run ``python cli.py sweep`` on an edited config dict with no logger, bar or figures, in a fresh folder.
+
+    The config is written beside the run folder (the CLI saves its own copy inside it); the baselines are uniform
+    W8A8 and W4A4, no seed rule, no random allocations; ``sweep_args`` add the budgets.
+
+    Returns:
+        The run folder (its sweep under ``sweep/``) and the wall time in seconds.
+    """
+    from lit_mpq.cli import main as cli_main  # the CLI imports the whole package: only when a sweep runs
+
+    config = yaml.safe_load(yaml.safe_dump(config))
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("Report"):
+            callback.setdefault("init_args", {})["save_figures"] = False
+    config["trainer"]["logger"] = False
+    config["trainer"]["enable_progress_bar"] = False
+    run = fresh_run_dir(out)
+    path = run.parent / f"{run.name}_{label}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    start = time.perf_counter()
+    cli_main(
+        [
+            "sweep",
+            "--config",
+            str(path),
+            f"--trainer.default_root_dir={run}",
+            *sweep_args,
+            "--baselines=[W8A8, W4A4]",
+            "--seed_rule=false",
+            "--num_random=0",
+            f"--output_dir={run / 'sweep'}",
+        ]
+    )
+    return run, time.perf_counter() - start
 
 
 def quiet_run_args(config: str, out: Path) -> list[str]:

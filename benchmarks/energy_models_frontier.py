@@ -28,15 +28,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import yaml
-from _runs import fresh_run_dir
+from _runs import quiet_sweep
 
-from lit_mpq.cli import main as cli_main
 from lit_mpq.energy import EnergyModel, HorowitzEnergyModel, MemoryHierarchyEnergyModel, hierarchy_report
 from lit_mpq.energy.accounting import plan_energy, uniform_energy
 from lit_mpq.plan import QuantPlan
@@ -82,37 +80,14 @@ def check_same_sweep(dram: dict, hierarchy: dict) -> None:
 def sweep(config_path: Path, budgets: list[float], out: Path) -> tuple[Path, float]:
     """Run the config's sweep at ``budgets`` (x W4A4) plus uniform W8A8 and W4A4; the run folder and the wall time."""
     config = yaml.safe_load(config_path.read_text())
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("Report"):
-            callback.setdefault("init_args", {})["save_figures"] = False
-    config["trainer"]["logger"] = False
-    config["trainer"]["enable_progress_bar"] = False
-    run = fresh_run_dir(out)
-    path = run.parent / f"{run.name}_{config_path.stem}.yaml"  # outside the run folder, where the CLI saves its copy
-    path.write_text(yaml.safe_dump(config))
-    start = time.perf_counter()
-    cli_main(
-        [
-            "sweep",
-            "--config",
-            str(path),
-            f"--trainer.default_root_dir={run}",
-            f"--budgets=[{', '.join(str(b) for b in budgets)}]",
-            "--baselines=[W8A8, W4A4]",
-            "--seed_rule=false",
-            "--num_random=0",
-            f"--output_dir={run / 'sweep'}",
-        ]
-    )
-    return run, time.perf_counter() - start
+    return quiet_sweep(config, out, config_path.stem, [f"--budgets=[{', '.join(str(b) for b in budgets)}]"])
 
 
 def read_points(run: Path) -> list[dict[str, Any]]:
     """The sweep's ``pareto.csv`` rows, each with the allocation it evaluated (``plan``).
 
-    The bits come from each point's ``results.json`` (its energy rows): without a logger, every point's
-    ``BitAllocator`` writes ``plan.yaml`` into the config's run folder too, so the config's own ``plan.yaml`` holds the
-    last point's allocation by the end of the sweep; the layer specs are the same in every ``plan.yaml``.
+    The bits come from each point's ``results.json`` (its energy rows); the layer specs are the same in every
+    ``plan.yaml``.
     """
     with open(run / "sweep" / "pareto.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from pathlib import Path
 
 import matplotlib
 import yaml
-from _runs import fresh_run_dir
-
-from lit_mpq.cli import main as cli_main
+from _runs import quiet_sweep
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,29 +37,8 @@ def sweep(method: str, num_budgets: int, out: Path) -> tuple[list[dict], float]:
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("WeightRounding"):
             callback["init_args"]["method"] = method
-        if callback["class_path"].endswith("Report"):
-            callback.setdefault("init_args", {})["save_figures"] = False
-    config["trainer"]["logger"] = False
-    config["trainer"]["enable_progress_bar"] = False
-    run = fresh_run_dir(out)
-    path = run.parent / f"{run.name}_{method}.yaml"  # outside the run folder, where the CLI saves its own copy
-    path.write_text(yaml.safe_dump(config))
-    start = time.perf_counter()
-    cli_main(
-        [
-            "sweep",
-            "--config",
-            str(path),
-            f"--trainer.default_root_dir={run}",
-            f"--num_budgets={num_budgets}",
-            "--baselines=[W8A8, W4A4]",
-            "--seed_rule=false",
-            "--num_random=0",
-            f"--output_dir={run / 'sweep'}",
-        ]
-    )
-    with open(run / "sweep" / "pareto.csv", newline="") as handle:
-        return list(csv.DictReader(handle)), time.perf_counter() - start
+    run, seconds = quiet_sweep(config, out, method, [f"--num_budgets={num_budgets}"])
+    return read_sweep(run), seconds
 
 
 def envelope(points: list[tuple[float, float]]) -> list[float]:

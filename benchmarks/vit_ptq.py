@@ -41,12 +41,13 @@ from pathlib import Path
 from _runs import quiet_run_args
 
 from lit_mpq.allocation import ExactAllocation, Policy, Uniform
-from lit_mpq.callbacks import BitAllocator, Calibration, SensitivityProbe, WeightRounding
+from lit_mpq.callbacks import BitAllocator, BlockRangeSearch, Calibration, SensitivityProbe, WeightRounding
 from lit_mpq.cli import main as cli_main
 
 CONFIGS = {"deit": "configs/deit.yaml", "vit": "configs/vit_tiny.yaml"}
 W_CANDIDATES = [3, 4, 6, 8]
 A_CANDIDATES = [3, 4, 6, 8]
+TUNING_CALLBACKS = ("BitAllocator", "AttentionRefinement")
 UNIFORM_W4A4_ROW_UJ = 1055.1
 """Analytic energy (µJ/image) of the uniform W4A4 row: every tensor at W4A4 but the patch embedding and head at W8A8."""
 ABLATIONS = {
@@ -69,10 +70,14 @@ def run(config: str, out: Path, policy: Policy, calibration: int, fp32: bool, **
     )
     refine = changes.pop("refine", None)
     rounding = changes.pop("rounding", None)
+    block_ranges = changes.pop("block_ranges", None)
     callbacks = cli.trainer.callbacks
     if rounding is not None:  # after the allocation and the attention ranges' refinement, before the evaluation
         after = max(i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("BitAllocator", "AttentionRefinement"))
         callbacks.insert(after + 1, WeightRounding(method=rounding))
+    if block_ranges is not None:  # before the rounding, which then rounds for the ranges searched (and the fold's)
+        after = max(i for i, cb in enumerate(callbacks) if type(cb).__name__ in TUNING_CALLBACKS)
+        callbacks.insert(after + 1, BlockRangeSearch(num_samples=block_ranges))
     for callback in list(callbacks):
         if isinstance(callback, Calibration):
             callback.settings = dataclasses.replace(callback.settings, **changes)
@@ -80,7 +85,8 @@ def run(config: str, out: Path, policy: Policy, calibration: int, fp32: bool, **
             callback.policy = policy  # the config's first_last_bits (8) stays: patch embedding and head at W8A8
         if isinstance(callback, SensitivityProbe):
             if policy.requires_sensitivity:
-                callback.metric, callback.candidate_bits = "fisher", sorted(set(W_CANDIDATES) | set(A_CANDIDATES))
+                widths = set(getattr(policy, "w_candidates", W_CANDIDATES)) | set(getattr(policy, "a_candidates", []))
+                callback.metric, callback.candidate_bits = "fisher", sorted(widths)
             else:
                 callbacks.remove(callback)  # nothing reads its scores: do not pay for it
         if type(callback).__name__ == "AttentionRefinement" and refine is False:
@@ -107,6 +113,7 @@ def jobs(rows: str) -> list[tuple[str, Policy, dict]]:
     main_rows.append(("exact allocator, energy <= uniform W4A4, activations >= 4 bits", no_a3, {}))
     same_as_row = ExactAllocation(energy_uj=UNIFORM_W4A4_ROW_UJ, w_candidates=W_CANDIDATES, a_candidates=[4, 6, 8])
     gptq = {"rounding": "gptq"}
+    with_5 = ExactAllocation(energy_uj=UNIFORM_W4A4_ROW_UJ, w_candidates=[3, 4, 5, 6, 8], a_candidates=[4, 5, 6, 8])
     rounding_rows = [
         ("uniform W4A8, GPTQ", Uniform(4, 8), {"rounding": "gptq"}),
         ("uniform W4A4, GPTQ", Uniform(4, 4), {"rounding": "gptq"}),
@@ -116,6 +123,18 @@ def jobs(rows: str) -> list[tuple[str, Policy, dict]]:
         # model on DeiT-Tiny's and ViT-Tiny's shared plan shape), while energy_relative_to="W4A4" charges them 4 bits
         # (1010.8): the same budget as the uniform row it is compared with
         ("exact allocator, energy <= the uniform W4A4 row's, activations >= 4 bits, GPTQ", same_as_row, gptq),
+        ("uniform W4A4, GPTQ, block ranges", Uniform(4, 4), {"rounding": "gptq", "block_ranges": 32}),
+        (
+            "exact allocator, energy <= the uniform W4A4 row's, activations >= 4 bits, GPTQ, block ranges",
+            same_as_row,
+            {"rounding": "gptq", "block_ranges": 32},
+        ),
+        # 5 bits as a candidate: a tensor that needs more than 4 bits need not pay for 6
+        (
+            "exact allocator, energy <= the uniform W4A4 row's, candidates with 5 bits, activations >= 4 bits, GPTQ",
+            with_5,
+            gptq,
+        ),
         ("uniform W4A8, GPFQ", Uniform(4, 8), {"rounding": "gpfq"}),
         ("exact allocator, energy <= uniform W4A4, activations >= 4 bits, GPFQ", no_a3, {"rounding": "gpfq"}),
     ]

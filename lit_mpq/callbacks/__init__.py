@@ -2,6 +2,7 @@
 
 from lit_mpq.callbacks.allocation import BitAllocator, BitOverride
 from lit_mpq.callbacks.analog import AnalogNoise
+from lit_mpq.callbacks.block_ranges import BlockRangeSearch
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.export import Export
@@ -20,6 +21,7 @@ __all__ = [
     "BitAllocator",
     "BitOverride",
     "BitWidthLearning",
+    "BlockRangeSearch",
     "Calibration",
     "EnergyMeter",
     "Export",

@@ -148,6 +148,21 @@ def calibration_batches(trainer: pl.Trainer, desc: str, limit: int | None = None
             yield trainer.strategy.batch_to_device(x)
 
 
+def first_calibration_images(trainer: pl.Trainer, count: int) -> Iterator[Tensor]:
+    """The first ``count`` calibration images on the model's device, the same on every rank (not this rank's shard).
+
+    For searches whose choices must be those of one device whatever the number of devices.
+    """
+    seen = 0
+    for batch in trainer.datamodule.calib_dataloader():
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        x = x[: count - seen]
+        seen += int(x.shape[0])
+        yield trainer.strategy.batch_to_device(x)
+        if seen >= count:
+            return
+
+
 @contextmanager
 def progress(trainer: pl.Trainer, total: int, desc: str, unit: str) -> Iterator[Callable[[int], None]]:
     """A progress bar in the trainer's own style (rich or tqdm), shown only when the trainer shows one.

@@ -12,14 +12,18 @@ ranges, and the result, are those of one device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_mpq.callbacks._common import is_quant_run, quantizes_in_stage, require_before, require_plan, timer
+from lit_mpq.callbacks._common import (
+    first_calibration_images,
+    is_quant_run,
+    quantizes_in_stage,
+    require_before,
+    require_plan,
+    timer,
+)
 from lit_mpq.callbacks.allocation import BitAllocator
 from lit_mpq.quant.ranking import refine_attention_ranges
 
@@ -66,16 +70,6 @@ class AttentionRefinement(Callback):
         if quantizes_in_stage(trainer, stage):
             require_before(trainer, self, BitAllocator, "refines the ranges at the allocated bit widths")
 
-    def _batches(self, trainer: pl.Trainer) -> Iterator[torch.Tensor]:
-        seen = 0
-        for batch in trainer.datamodule.calib_dataloader():
-            x = batch[0] if isinstance(batch, list | tuple) else batch
-            x = x[: self.num_samples - seen]
-            seen += int(x.shape[0])
-            yield trainer.strategy.batch_to_device(x)
-            if seen >= self.num_samples:
-                return
-
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not is_quant_run(trainer):
@@ -84,7 +78,7 @@ class AttentionRefinement(Callback):
         start = timer()
         report = refine_attention_ranges(
             pl_module.model,
-            self._batches(trainer),
+            first_calibration_images(trainer, self.num_samples),
             plan.bits(),
             candidates=self.candidates,
             rounds=self.rounds,

@@ -151,6 +151,7 @@ def build_card(
     softmax_underflow: str = "zero",
     post_layernorm: str = "per_tensor",
     ranking_refinement: Mapping[str, Any] | None = None,
+    block_ranges: Mapping[str, Any] | None = None,
     act_observer_overrides: Mapping[str, str] | None = None,
     ptf_max_shift: int | None = None,
     weight_rounding: Mapping[str, Any] | None = None,
@@ -191,6 +192,8 @@ def build_card(
             ``"reparam_mse"``).
         ranking_refinement: Settings of the ranking-aware refinement of the attention ranges, or ``None`` when it
             did not run.
+        block_ranges: Settings of the block-output search of the activation ranges (``BlockRangeSearch``), or
+            ``None`` when it did not run.
         act_observer_overrides: ``{pattern: observer}`` for the layers whose input another observer watched.
         ptf_max_shift: ``K`` of the power-of-two-factor inputs; recorded only when an override is ``"ptf"``.
         weight_rounding: Settings of the data-driven weight rounding (``WeightRounding``), or ``None`` when weights
@@ -225,6 +228,7 @@ def build_card(
         "act_observer_overrides": dict(act_observer_overrides) if act_observer_overrides else None,
         "percentile": float(percentile) if "percentile" in observers_used and percentile is not None else None,
         "ptf_max_shift": int(ptf_max_shift) if "ptf" in observers_used and ptf_max_shift is not None else None,
+        "block_ranges": dict(block_ranges) if block_ranges else None,
         "first_last_precision": first_last_precision(plan),
         "attention": {
             "matmuls_quantized": bool(attention) and any(spec.kind == "matmul" for spec in plan.specs.values()),

@@ -135,6 +135,7 @@ class RunRecord:
         allocation: Set by ``BitAllocator``.
         rounding: Set by ``WeightRounding``.
         refinement: The ranking-aware refinement's report (``AttentionRefinement``: factors, objectives, seconds).
+        block_ranges: The block-output range search's report (``BlockRangeSearch``: factors, errors, seconds).
         energy: The energy report of ``EnergyMeter`` (:func:`lit_mpq.energy.energy_report`, plus measured energy).
         label_aware: Set by ``LabelAwareEvaluation``: accuracy on class subsets.
         export: Set by ``Export``: the files written, the packed size against the ideal, ONNX Runtime's top-1.
@@ -152,6 +153,7 @@ class RunRecord:
     rounding: RoundingRecord | None = None
     energy: dict[str, Any] | None = None
     refinement: dict[str, Any] | None = None
+    block_ranges: dict[str, Any] | None = None
     label_aware: LabelAwareRecord | None = None
     export: dict[str, Any] | None = None
     pruning: dict[str, Any] | None = None

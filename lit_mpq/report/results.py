@@ -119,6 +119,7 @@ def run_card(
         softmax_underflow=settings.get("softmax_underflow", "zero"),
         post_layernorm=settings.get("post_layernorm", "per_tensor"),
         ranking_refinement=record.refinement.get("settings") if record.refinement else None,
+        block_ranges=record.block_ranges.get("settings") if record.block_ranges else None,
         act_observer_overrides=dict(settings.get("act_observer_overrides") or ()),
         ptf_max_shift=settings.get("ptf_max_shift"),
         weight_rounding=record.rounding.settings if record.rounding is not None else None,

@@ -7,55 +7,25 @@ run before the BitAllocator.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
-import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_mpq.callbacks import AttentionRefinement, BitAllocator
-from lit_mpq.quant.apply import QuantSettings, apply_plan, invalidate_qparams, measure_model, quantize_model, set_mode
 from lit_mpq.quant.ranking import refine_attention_ranges
-from lit_mpq.report.record import RunRecord
 
 timm = pytest.importorskip("timm")
 
 
-def calibrated_vit():
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False).eval()
-    quantize_model(model, QuantSettings(act_observer="minmax"))
-    plan = measure_model(model, torch.zeros(1, 3, 32, 32))
-    images = torch.randn(12, 3, 32, 32)
-    set_mode(model, weights="off", activations="observe")
-    with torch.no_grad():
-        model(images)
-    set_mode(model, weights="off", activations="off")
-    invalidate_qparams(model)
-    for name, layer in plan.layers.items():
-        layer.w_bits, layer.a_bits = (3, 4) if "matmul" in name else (8, 8)
-    apply_plan(model, plan)
-    return model, plan, images
+def plan_bits(name: str) -> tuple[int, int]:
+    """A 3-bit k and v, a 4-bit q and softmax output; W8A8 elsewhere."""
+    return (3, 4) if "matmul" in name else (8, 8)
 
 
-def stub(images: torch.Tensor, model, plan, callbacks: list):
-    logged: dict[str, float] = {}
-    batches = [(images[i : i + 5], torch.zeros(5)) for i in range(0, len(images), 5)]  # (x, y) like a dataloader
-    trainer = SimpleNamespace(
-        callbacks=callbacks,
-        sanity_checking=False,
-        datamodule=SimpleNamespace(calib_dataloader=lambda: iter(batches)),
-        strategy=SimpleNamespace(batch_to_device=lambda x: x),
-    )
-    module = SimpleNamespace(plan=plan, model=model, record=RunRecord(), log=logged.__setitem__, logged=logged)
-    return trainer, module
-
-
-def test_refines_at_the_plans_bits_on_the_first_images_and_records_its_cost():
-    model, plan, images = calibrated_vit()
-    reference_model, _, _ = calibrated_vit()
+def test_refines_at_the_plans_bits_on_the_first_images_and_records_its_cost(stub_run, calibrated_test_vit):
+    model, plan, images = calibrated_test_vit(plan_bits)
+    reference_model, _, _ = calibrated_test_vit(plan_bits)
     callback = AttentionRefinement(num_samples=7, candidates=12, rounds=1)
-    trainer, module = stub(images, model, plan, [BitAllocator(), callback])
+    trainer, module = stub_run(images, model, plan, [BitAllocator(), callback])
     callback.setup(trainer, module, "validate")
     callback.on_validation_start(trainer, module)
 
@@ -73,10 +43,10 @@ def test_refines_at_the_plans_bits_on_the_first_images_and_records_its_cost():
     assert module.logged["time/refinement_s"] == record["wall_seconds"] > 0
 
 
-def test_must_come_after_the_bit_allocator():
-    model, plan, images = calibrated_vit()
+def test_must_come_after_the_bit_allocator(stub_run, calibrated_test_vit):
+    model, plan, images = calibrated_test_vit(plan_bits)
     callback = AttentionRefinement()
-    trainer, module = stub(images, model, plan, [callback, BitAllocator()])
+    trainer, module = stub_run(images, model, plan, [callback, BitAllocator()])
     trainer.callbacks = [callback, BitAllocator()]
     with pytest.raises(MisconfigurationException, match="BitAllocator"):
         callback.setup(trainer, module, "validate")

@@ -12,6 +12,7 @@ every layer's pass over the 512 calibration images::
 
     bash benchmarks/peers/setup_brevitas.sh   # once
     python benchmarks/rounding_resnet20.py [--settings w4a8 w4a4 w4a4_all w3a8] [--methods nearest bias_corr gptq gpfq]
+        [--gpfq-refine-passes N] [--gpfq-scale-fit N] [--no-peer]
 
 The two runs alternate per setting (lit_mpq's rows, then Brevitas'), so both see the same load on this shared
 machine. Run from the repository root.
@@ -46,8 +47,8 @@ SETTINGS = {"w4a8": (4, 8, 8), "w4a4": (4, 4, 8), "w4a4_all": (4, 4, None), "w3a
 METHODS = ("nearest", "bias_corr", "gptq", "gpfq")
 
 
-def lit_mpq_row(setting: str, method: str, out: Path, gpfq_refine_passes: int = 0) -> dict:
-    """One lit_mpq ``validate``: top-1 and the rounding time."""
+def lit_mpq_row(setting: str, method: str, out: Path, gpfq_refine_passes: int = 0, gpfq_scale_fit: int = 0) -> dict:
+    """One lit_mpq ``validate``: top-1 and the rounding time (``gpfq_*``: GPFQ's refinement passes and scale fits)."""
     w_bits, a_bits, first_last = SETTINGS[setting]
     cli = cli_main(quiet_run_args(CONFIG, out), run=False)
     callbacks = cli.trainer.callbacks
@@ -57,7 +58,11 @@ def lit_mpq_row(setting: str, method: str, out: Path, gpfq_refine_passes: int = 
             rounding = method if method in ("gptq", "gpfq") else "nearest"
             callbacks.insert(
                 position + 1,
-                WeightRounding(method=rounding, refine_passes=gpfq_refine_passes if rounding == "gpfq" else 0),
+                WeightRounding(
+                    method=rounding,
+                    refine_passes=gpfq_refine_passes if rounding == "gpfq" else 0,
+                    scale_fit=gpfq_scale_fit if rounding == "gpfq" else 0,
+                ),
             )
         if isinstance(callback, Calibration):
             callback.settings = dataclasses.replace(callback.settings, bias_correction=method == "bias_corr")
@@ -124,12 +129,21 @@ def main() -> None:
         default=0,
         help="coordinate-descent passes after lit_mpq's GPFQ (WeightRounding.refine_passes); GPTQ runs without",
     )
+    parser.add_argument(
+        "--gpfq-scale-fit",
+        type=int,
+        default=0,
+        help="least-squares scale refits after lit_mpq's GPFQ (WeightRounding.scale_fit); GPTQ runs without",
+    )
     parser.add_argument("--no-peer", action="store_true", help="lit_mpq's rows only (no Brevitas run)")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/rounding_resnet20"))
     args = parser.parse_args()
     table = []
     for setting in args.settings:
-        ours = {method: lit_mpq_row(setting, method, args.out, args.gpfq_refine_passes) for method in args.methods}
+        ours = {
+            method: lit_mpq_row(setting, method, args.out, args.gpfq_refine_passes, args.gpfq_scale_fit)
+            for method in args.methods
+        }
         theirs = {} if args.no_peer else peer_rows(setting, list(args.methods))
         for method in args.methods:
             peer = theirs.get(method, {})
@@ -137,8 +151,7 @@ def main() -> None:
             brief = {key: value for key, value in ours[method].items() if key != "correct"}
             peer_brief = {key: value for key, value in peer.items() if key != "correct"}
             print(f"{setting} {method}: lit_mpq {brief}, Brevitas {peer_brief}", file=sys.stderr, flush=True)
-    refine = f" --gpfq-refine-passes {args.gpfq_refine_passes}" if args.gpfq_refine_passes else ""
-    print(f"\n`python benchmarks/rounding_resnet20.py --settings {' '.join(args.settings)}{refine}`\n")
+    print(f"\n`python benchmarks/rounding_resnet20.py {' '.join(sys.argv[1:])}`\n")
     print(
         "| setting | method | lit_mpq top-1 | Brevitas top-1 | difference | McNemar p | lit_mpq rounding s "
         "| Brevitas rounding s | time ratio |"

@@ -64,10 +64,15 @@ class WeightRounding(Callback):
         refine_passes: Passes of coordinate descent on the method's own objective after its greedy pass, each
             weight moved to its best level with the others fixed (:mod:`lit_mpq.rounding.refine`; never raises the
             objective); 0 runs the published algorithm alone.
+        scale_fit: Rounds of refitting each output row's scale to the rounded codes by least squares on the
+            method's objective (:mod:`lit_mpq.rounding.scale_fit`), each followed by ``refine_passes`` of coordinate
+            descent on the refitted grid; 0 (default) keeps the weight quantizer's grid. A refitted weight is off
+            the quantizer's grid, so ``lit_mpq.deploy`` refuses to pack it.
 
     Raises:
         ValueError: On an unknown method or upstream, a negative ``damp``, a non-positive ``num_samples`` or
-            ``block_size``, or ``alphabet_scalar`` with another method than GPFQ.
+            ``block_size``, a negative ``refine_passes`` or ``scale_fit``, or ``alphabet_scalar`` with another method
+            than GPFQ.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class WeightRounding(Callback):
         act_order: bool = False,
         alphabet_scalar: float | None = None,
         refine_passes: int = 0,
+        scale_fit: int = 0,
     ) -> None:
         if num_samples is not None and (isinstance(num_samples, bool) or num_samples <= 0):
             raise ValueError(f"WeightRounding.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -91,6 +97,7 @@ class WeightRounding(Callback):
             act_order=act_order,
             alphabet_scalar=alphabet_scalar,
             refine_passes=refine_passes,
+            scale_fit=scale_fit,
         )
         self.num_samples = num_samples
         self.cache = RoundingCache()

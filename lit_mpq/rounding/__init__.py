@@ -3,6 +3,8 @@
 - :mod:`~lit_mpq.rounding.grid`: the grid (the weight quantizer's scales) every method rounds onto;
 - :mod:`~lit_mpq.rounding.gptq`: GPTQ (Frantar et al., ICLR 2023) on one layer's weight and input Hessian;
 - :mod:`~lit_mpq.rounding.gpfq`: GPFQ (Lybrand and Saab 2021; Zhang, Zhou and Saab 2023) on one layer;
+- :mod:`~lit_mpq.rounding.refine` and :mod:`~lit_mpq.rounding.scale_fit`: optional coordinate descent after the
+  greedy pass, and a least-squares refit of each row's scale to the rounded codes (off by default);
 - :mod:`~lit_mpq.rounding.layerwise`: :func:`round_model`, which walks a fake-quantized model and rounds each layer
   at its allocated width.
 

@@ -2,7 +2,8 @@
 
 Data-driven rounding (GPTQ, GPFQ) changes *which* level each weight takes, never the levels themselves: the grid is
 the weight quantizer's (its scale per output row or per tensor, its zero point and integer range), computed from the
-original weight before any rounding, so that a rounded weight deploys exactly like a nearest-rounded one.
+original weight before any rounding, so that a rounded weight deploys exactly like a nearest-rounded one. (The
+``scale_fit`` option, :mod:`lit_mpq.rounding.scale_fit`, is the exception: it refits each row's scale afterwards.)
 
 Weights are handled as ``[groups, rows, columns]`` matrices: a Linear is one group of ``[out, in]``; a convolution
 with ``g`` groups is ``g`` groups of ``[out / g, in / g * kh * kw]`` (each output channel only sees its group's input

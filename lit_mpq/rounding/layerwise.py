@@ -42,6 +42,7 @@ from lit_mpq.rounding.gptq import gptq_round
 from lit_mpq.rounding.grid import Grid, as_groups
 from lit_mpq.rounding.lockstep import Lockstep
 from lit_mpq.rounding.refine import coordinate_descent
+from lit_mpq.rounding.scale_fit import fit_scales
 
 METHODS = ("nearest", "gptq", "gpfq")
 UPSTREAM = ("quantized", "float")
@@ -63,6 +64,9 @@ class RoundingSettings:
             the weight quantizer's own scales; null keeps the quantizer's grid.
         refine_passes: Passes of coordinate descent on the method's own objective after its greedy pass
             (:mod:`lit_mpq.rounding.refine`); 0 keeps the published algorithm as it is.
+        scale_fit: Rounds of refitting each output row's scale to the rounded codes by least squares on the method's
+            objective (:mod:`lit_mpq.rounding.scale_fit`), each followed by ``refine_passes`` of coordinate descent
+            on the refitted grid; 0 keeps the weight quantizer's grid (computed from the original weight).
     """
 
     method: str = "nearest"
@@ -72,6 +76,7 @@ class RoundingSettings:
     act_order: bool = False
     alphabet_scalar: float | None = None
     refine_passes: int = 0
+    scale_fit: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +91,8 @@ class RoundingSettings:
             raise ValueError(f"rounding alphabet_scalar must be positive or null, got {self.alphabet_scalar!r}")
         if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
             raise ValueError(f"rounding refine_passes must be an integer >= 0, got {self.refine_passes!r}")
+        if not (isinstance(self.scale_fit, int) and self.scale_fit >= 0):
+            raise ValueError(f"rounding scale_fit must be an integer >= 0, got {self.scale_fit!r}")
         if self.alphabet_scalar is not None and self.method != "gpfq":
             raise ValueError("rounding alphabet_scalar is GPFQ's alphabet rule; set method: gpfq or leave it null")
 
@@ -477,9 +484,15 @@ class _Work:
             rounded = gptq_round(weight, gram, grid, settings.damp, settings.block_size, settings.act_order)
         else:
             rounded = gpfq_round(weight, cross, gram, grid, settings.block_size)
-        if settings.refine_passes:
+        if settings.refine_passes or settings.scale_fit:
             linear, quadratic = method_objective(settings, weight, gram, cross)
+        if settings.refine_passes:
             rounded = coordinate_descent(rounded, linear, quadratic, grid, settings.refine_passes)
+        if settings.scale_fit:  # the grid then follows the rounded codes: off the weight quantizer's own grid
+            per_channel = layer.weight_quantizer.per_channel
+            rounded, _ = fit_scales(
+                rounded, linear, quadratic, grid, per_channel, settings.scale_fit, settings.refine_passes
+            )
         rounded_weight = rounded.reshape(target.shape).to(target.dtype)
         layer.weight_quantizer.set_rounded(bits, target, rounded_weight)
         errors = tuple(_relative_error(weight, q, gram, cross, float_energy) for q in (grid.round(weight), rounded))

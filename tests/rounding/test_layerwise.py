@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from lit_mpq.deploy.checkpoint import QuantizedExportError, quantized_weight
 from lit_mpq.plan import QuantPlan
 from lit_mpq.quant.apply import QuantSettings, apply_plan, measure_model, quant_layers, quantize_model, set_mode
 from lit_mpq.quant.functional import quant_range
@@ -189,6 +190,23 @@ def test_rounding_lowers_the_networks_output_error_and_stays_on_the_grid(method)
         levels = layer.weight_quantizer.rounded[3][1] / scale.reshape(-1, *[1] * (layer.weight.dim() - 1))
         torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0, msg=name)
         assert levels.round().min() >= -4 and levels.round().max() <= 3
+
+
+def test_round_model_with_scale_fit_lowers_each_layers_gpfq_error():
+    batches = mlp_batches()
+    plain = prepared(mlp(), batches[0][:1], batches, w_bits=3, a_bits=4)
+    fitted = prepared(mlp(), batches[0][:1], batches, w_bits=3, a_bits=4)
+    # float upstream: both runs round each layer from the same inputs, so the errors compare layer by layer
+    before = round_model(plain, batches, RoundingSettings(method="gpfq", upstream="float"))
+    after = round_model(fitted, batches, RoundingSettings(method="gpfq", upstream="float", scale_fit=1))
+    for old, new in zip(before, after, strict=True):
+        assert new.error_rounded <= old.error_rounded + 1e-12, new.name
+    assert any(new.error_rounded < old.error_rounded for old, new in zip(before, after, strict=True))
+    with pytest.raises(ValueError, match="scale_fit must be"):
+        RoundingSettings(method="gpfq", scale_fit=-1)
+    for name, layer in quant_layers(fitted).items():  # off the quantizer's own grid: packing refuses it
+        with pytest.raises(QuantizedExportError, match="not exactly"):
+            quantized_weight(name, layer, 3)
 
 
 def test_nearest_clears_the_rounding_and_a_changed_weight_falls_back_with_a_warning():

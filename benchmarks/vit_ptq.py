@@ -77,7 +77,7 @@ def run(config: str, out: Path, policy: Policy, calibration: int, fp32: bool, **
         callbacks.insert(after + 1, WeightRounding(method=rounding))
     if block_ranges is not None:  # before the rounding, which then rounds for the ranges searched (and the fold's)
         after = max(i for i, cb in enumerate(callbacks) if type(cb).__name__ in TUNING_CALLBACKS)
-        callbacks.insert(after + 1, BlockRangeSearch(num_samples=block_ranges))
+        callbacks.insert(after + 1, BlockRangeSearch(num_samples=block_ranges, float_weights=True))
     for callback in list(callbacks):
         if isinstance(callback, Calibration):
             callback.settings = dataclasses.replace(callback.settings, **changes)

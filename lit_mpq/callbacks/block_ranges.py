@@ -2,9 +2,9 @@
 
 :func:`lit_mpq.quant.block_ranges.refine_block_ranges` does the work: for each block (a transformer block, a residual
 block), in execution order, the factor each activation quantizer's clipping range is scaled by is searched for the
-least squared error of the block's output against the float network's, at the plan's widths. List it after
-``BitAllocator`` (and ``AttentionRefinement``, whose factors it starts from) and before ``WeightRounding``: GPTQ and
-GPFQ then round every weight for the input grids it will see, and a post-LayerNorm layer's folded weight, which
+least squared error of the block's output against the float block's on the same input, at the plan's widths. List it
+after ``BitAllocator`` (and ``AttentionRefinement``, whose factors it starts from) and before ``WeightRounding``: GPTQ
+and GPFQ then round every weight for the input grids it will see, and a post-LayerNorm layer's folded weight, which
 depends on its input's per-channel ranges, is rounded as it will be evaluated (a search after the rounding would
 change that weight and lose its rounding)::
 
@@ -34,7 +34,7 @@ from lit_mpq.callbacks._common import (
 )
 from lit_mpq.callbacks.allocation import BitAllocator
 from lit_mpq.callbacks.rounding import WeightRounding
-from lit_mpq.quant.block_ranges import DEFAULT_FACTORS, OBJECTIVES, refine_block_ranges
+from lit_mpq.quant.block_ranges import DEFAULT_FACTORS, OBJECTIVES, TARGETS, refine_block_ranges
 
 
 class BlockRangeSearch(Callback):
@@ -48,6 +48,7 @@ class BlockRangeSearch(Callback):
         objective: ``"mse"`` or ``"channel_normalized"`` (each output channel's error over its float variance).
         float_weights: Search with the weights in float (the activations' error alone); for use before a
             ``WeightRounding`` that will compensate the weights for the ranges chosen.
+        target: ``"float_block"`` (the block's own error) or ``"float_network"`` (the float network's block output).
 
     Raises:
         ValueError: On a non-positive ``num_samples`` or ``rounds``, or a non-positive candidate.
@@ -61,6 +62,7 @@ class BlockRangeSearch(Callback):
         blocks: Sequence[str] | None = None,
         objective: str = "mse",
         float_weights: bool = False,
+        target: str = "float_block",
     ) -> None:
         for name, value in (("num_samples", num_samples), ("rounds", rounds)):
             if value <= 0:
@@ -75,6 +77,9 @@ class BlockRangeSearch(Callback):
             raise ValueError(f"BlockRangeSearch.objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
         self.float_weights = float_weights
+        if target not in TARGETS:
+            raise ValueError(f"BlockRangeSearch.target must be one of {TARGETS}, got {target!r}")
+        self.target = target
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -103,6 +108,7 @@ class BlockRangeSearch(Callback):
             max_images=self.num_samples,
             objective=self.objective,
             float_weights=self.float_weights,
+            target=self.target,
         )
         seconds = timer() - start
         pl_module.record.block_ranges = {**report.to_dict(), "wall_seconds": seconds}

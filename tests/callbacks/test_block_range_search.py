@@ -53,7 +53,7 @@ def test_must_come_before_the_weight_rounding(stub_run, calibrated_test_vit):
         callback.setup(trainer, module, "validate")
 
 
-BAD_SETTINGS = [{"num_samples": 0}, {"rounds": 0}, {"candidates": [0.5, -1.0]}, {"objective": "kl"}]
+BAD_SETTINGS = [{"num_samples": 0}, {"rounds": 0}, {"candidates": [0.5, -1.0]}, {"objective": "kl"}, {"target": "x"}]
 
 
 @pytest.mark.parametrize("settings", BAD_SETTINGS)

@@ -94,7 +94,9 @@ def test_a_block_with_one_quantizer_gets_the_brute_force_best_factor():
         layer.input_quantizer.range_factors.clear()
         layer.input_quantizer._cache.clear()
 
-    report = refine_block_ranges(model, [images], candidates=CANDIDATES, rounds=1, max_images=24, chunk_size=10)
+    report = refine_block_ranges(
+        model, [images], candidates=CANDIDATES, rounds=1, max_images=24, chunk_size=10, target="float_network"
+    )
     assert {b.name: b.factors for b in report.blocks} == {
         block: {"2.input_quantizer": factor} for block, factor in chosen_by_hand.items()
     }
@@ -103,10 +105,34 @@ def test_a_block_with_one_quantizer_gets_the_brute_force_best_factor():
         assert block.error_after == pytest.approx(block_error(model, block.name, images), rel=1e-5)
 
 
+def test_float_block_target_is_the_float_block_on_the_same_quantized_input():
+    model, images = two_block_mlp(a_bits=2)
+    modules = dict(model.named_modules())
+    for block in ("0", "1"):
+        modules[f"{block}.0"].input_quantizer.set_range_factor(2, 0.6)  # upstream error for block 1 to inherit
+    inputs = []
+    handle = modules["1"].register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    with torch.no_grad():
+        quantized_output = modules["1"](inputs[0])
+        with quantizers_mode(modules["1"], "off"):
+            float_block_output = modules["1"](inputs[0])
+    expected = float(((quantized_output - float_block_output) ** 2).mean())
+    network_error = block_error(model, "1", images)
+    assert abs(network_error - expected) > 1e-3 * expected  # the two targets differ here
+    report = refine_block_ranges(model, [images], blocks=["1"], candidates=(0.6,), rounds=1)
+    assert report.settings["target"] == "float_block"
+    assert report.blocks[0].error_before == pytest.approx(expected, rel=1e-5)
+
+
 def test_errors_are_the_block_outputs_squared_error_and_never_grow():
     model, images = two_block_mlp(a_bits=2)
     first_before = block_error(model, "0", images[:20])  # every range factor still 1
-    report = refine_block_ranges(model, [images[:10], images[10:]], candidates=CANDIDATES, rounds=2, max_images=20)
+    report = refine_block_ranges(
+        model, [images[:10], images[10:]], candidates=CANDIDATES, rounds=2, max_images=20, target="float_network"
+    )
     assert report.images == 20
     assert report.blocks[0].error_before == pytest.approx(first_before, rel=1e-5)
     for block in report.blocks:
@@ -168,6 +194,8 @@ def test_bad_input_says_what_was_wrong():
         refine_block_ranges(model, [])
     with pytest.raises(ValueError, match="positive factors"):
         refine_block_ranges(model, [images], candidates=(0.5, 0.0))
+    with pytest.raises(ValueError, match="target must be one of"):
+        refine_block_ranges(model, [images], target="float")
     with pytest.raises(ValueError, match="objective must be one of"):
         refine_block_ranges(model, [images], objective="kl")
     with pytest.raises(ValueError, match="rounds"):

@@ -12,8 +12,9 @@ settings change:
   candidates 3, 4, 6 and 8 bits, and again with activations kept at 4 bits or more;
 - rounding: the W4 rows and the allocator with every weight rounded by GPTQ (``WeightRounding``, issue 9) instead of to
   nearest, on the calibration images, the allocator again at the uniform W4A4 row's own energy (which keeps the patch
-  embedding and head at W8A8, where ``energy_relative_to="W4A4"`` charges them 4 bits), and uniform W4A8 and the
-  allocator without 3-bit activations with GPFQ;
+  embedding and head at W8A8, where ``energy_relative_to="W4A4"`` charges them 4 bits), that row with 5-bit
+  candidates, uniform W4A4 and that row with the block-output range search (``BlockRangeSearch`` on 32 images, float
+  weights, before GPTQ), and uniform W4A8 and the allocator without 3-bit activations with GPFQ;
 - ablations: each of the recipe's ViT-specific parts (softmax levels: log√2 below 6 bits and uniform from 6 up,
   against log√2 or uniform at every width; the RepQ-ViT post-LayerNorm reparameterization; the ranking-aware
   refinement of the attention ranges) switched off, one at a time, at W6A6 and W4A4.

@@ -19,12 +19,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_mpq.callbacks._common import post_training_steps, require_before, run_dir, timer
 from lit_mpq.callbacks.allocation import BitAllocator
+from lit_mpq.callbacks.block_ranges import BlockRangeSearch
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.refinement import AttentionRefinement
 from lit_mpq.callbacks.rounding import WeightRounding
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
 
-POST_TRAINING_CALLBACKS = (Calibration, SensitivityProbe, BitAllocator, AttentionRefinement, WeightRounding)
+POST_TRAINING_CALLBACKS = (
+    Calibration,
+    SensitivityProbe,
+    BitAllocator,
+    AttentionRefinement,
+    BlockRangeSearch,
+    WeightRounding,
+)
 """The callbacks whose ``on_validation_start`` runs before training (in the order listed in the trainer)."""
 
 

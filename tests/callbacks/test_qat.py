@@ -148,3 +148,15 @@ def test_two_training_callbacks_are_rejected_at_start_up(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(_config(tmp_path, callbacks))])
     assert "both train the quantized model" in capsys.readouterr().err
+
+
+def test_the_block_range_search_runs_before_training_and_is_in_the_card(tmp_path):
+    """A post-training step listed before the training callback runs once before the first step, like the others."""
+    search = {
+        "class_path": "lit_mpq.callbacks.BlockRangeSearch",
+        "init_args": {"num_samples": 32, "blocks": ["conv2", "conv3"], "candidates": [0.5, 0.8], "rounds": 1},
+    }
+    callbacks = [_allocator(2, 3), search, {"class_path": "lit_mpq.callbacks.QuantizationAwareTraining"}]
+    main(["fit", "--config", str(_config(tmp_path, callbacks))])
+    card = load_quantized(tmp_path / "run" / "quantized.pt").card
+    assert card["block_ranges"]["max_images"] == 32 and card["block_ranges"]["blocks"] == ["conv2", "conv3"]

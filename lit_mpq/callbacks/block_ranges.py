@@ -11,8 +11,10 @@ change that weight and lose its rounding)::
     - class_path: lit_mpq.callbacks.BlockRangeSearch
       init_args: {num_samples: 32}
 
-Every rank searches on the same first ``num_samples`` calibration images, so the ranges, and the result, are those of
-one device.
+In a sweep each point's search starts from the observers' ranges (and the attention refinement's factors of that
+point): the factors a previous point's search wrote are undone first, so a point's result does not depend on the
+order of the sweep. Every rank searches on the same first ``num_samples`` calibration images, so the ranges, and the
+result, are those of one device.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 from typing_extensions import override
 
 from lit_mpq.callbacks._common import (
@@ -35,6 +38,7 @@ from lit_mpq.callbacks._common import (
 from lit_mpq.callbacks.allocation import BitAllocator
 from lit_mpq.callbacks.rounding import WeightRounding
 from lit_mpq.quant.block_ranges import DEFAULT_FACTORS, OBJECTIVES, TARGETS, refine_block_ranges
+from lit_mpq.quant.modules import ActivationQuantizer
 
 
 class BlockRangeSearch(Callback):
@@ -80,6 +84,8 @@ class BlockRangeSearch(Callback):
         if target not in TARGETS:
             raise ValueError(f"BlockRangeSearch.target must be one of {TARGETS}, got {target!r}")
         self.target = target
+        self._written: list[tuple[ActivationQuantizer, int, float | None, float]] = []
+        """(quantizer, width, factor before, factor written) of the last search, to undo before the next one."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -98,6 +104,8 @@ class BlockRangeSearch(Callback):
         if not is_quant_run(trainer):
             return
         require_plan(pl_module, "BlockRangeSearch")
+        self._undo_last_search()  # each sweep point starts from the observers' ranges, not the previous point's choice
+        before = _factors(pl_module.model)
         start = timer()
         report = refine_block_ranges(
             pl_module.model,
@@ -111,5 +119,27 @@ class BlockRangeSearch(Callback):
             target=self.target,
         )
         seconds = timer() - start
+        after = _factors(pl_module.model)
+        self._written = [
+            (quantizer, bits, before[quantizer].get(bits), factor)
+            for quantizer, factors in after.items()
+            for bits, factor in factors.items()
+            if before[quantizer].get(bits) != factor
+        ]
         pl_module.record.block_ranges = {**report.to_dict(), "wall_seconds": seconds}
         pl_module.log("time/block_ranges_s", seconds)
+
+    def _undo_last_search(self) -> None:
+        for quantizer, bits, previous, written in self._written:
+            if quantizer.range_factors.get(bits) != written:
+                continue  # changed since (e.g. AttentionRefinement ran again): keep that
+            if previous is None:
+                quantizer.range_factors.pop(bits, None)
+                quantizer._cache.pop(bits, None)
+            else:
+                quantizer.set_range_factor(bits, previous)
+        self._written = []
+
+
+def _factors(model: nn.Module) -> dict[ActivationQuantizer, dict[int, float]]:
+    return {m: dict(m.range_factors) for m in model.modules() if isinstance(m, ActivationQuantizer)}

@@ -60,3 +60,17 @@ BAD_SETTINGS = [{"num_samples": 0}, {"rounds": 0}, {"candidates": [0.5, -1.0]}, 
 def test_rejects_bad_settings(settings):
     with pytest.raises(ValueError, match=next(iter(settings))):
         BlockRangeSearch(**settings)
+
+
+def test_each_run_starts_from_the_observers_ranges_not_the_previous_runs_choice(stub_run, calibrated_test_vit):
+    """A sweep runs the callback once per point: a point's search must not start from the previous point's factors."""
+    model, plan, images = calibrated_test_vit(plan_bits)
+    callback = BlockRangeSearch(num_samples=7, candidates=[0.5, 0.8], rounds=1)
+    trainer, module = stub_run(images, model, plan, [BitAllocator(), callback])
+    callback.setup(trainer, module, "validate")
+    callback.on_validation_start(trainer, module)
+    first = module.record.block_ranges["blocks"]
+    assert any(block["error_after"] < block["error_before"] for block in first)  # it moved some factor
+    callback.on_validation_start(trainer, module)
+    second = module.record.block_ranges["blocks"]
+    assert second == [{**block, "seconds": again["seconds"]} for block, again in zip(first, second, strict=True)]

@@ -173,8 +173,10 @@ def _gather_images(batches: Iterable[Any], max_images: int) -> Tensor:
     return torch.cat(taken)
 
 
-def _float_outputs(model: nn.Module, blocks: dict[str, nn.Module], chunks: list[Tensor]) -> tuple[list[str], dict]:
-    """Each block's output in the float network, per chunk, and the blocks in the order they run."""
+def _float_outputs(
+    model: nn.Module, blocks: dict[str, nn.Module], chunks: list[Tensor], keep: bool
+) -> tuple[list[str], dict]:
+    """The blocks in the order they run and, when ``keep``, each block's output in the float network, per chunk."""
     outputs: dict[str, list[Tensor]] = {name: [] for name in blocks}
     order: list[str] = []
 
@@ -182,14 +184,15 @@ def _float_outputs(model: nn.Module, blocks: dict[str, nn.Module], chunks: list[
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if name not in order:
                 order.append(name)
-            outputs[name].append(output.detach())
+            if keep:
+                outputs[name].append(output.detach())
 
         return hook
 
     handles = [block.register_forward_hook(make_hook(name)) for name, block in blocks.items()]
     try:
         with torch.no_grad(), quantizers_mode(model, "off"):
-            for x in chunks:
+            for x in chunks if keep else chunks[:1]:  # the order alone needs one pass
                 model(x)
     finally:
         for handle in handles:
@@ -290,7 +293,8 @@ def refine_block_ranges(
     for quantizer, _ in weight_modes:
         quantizer.set_mode("off")
     try:
-        order, targets = _float_outputs(model, {name: modules[name] for name in names}, chunks)
+        keep = target == "float_network"  # the default target is computed per block, from the quantized inputs
+        order, targets = _float_outputs(model, {name: modules[name] for name in names}, chunks, keep)
         for name in order:
             start = time.perf_counter()
             block = modules[name]

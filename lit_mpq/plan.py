@@ -39,8 +39,9 @@ class LayerSpec:
 
     Attributes:
         name: Fully qualified module name, the key everywhere.
-        kind: ``"conv2d"``, ``"linear"`` or ``"matmul"`` (a product of two activations: an attention's q·kᵀ or
-            softmax·V).
+        kind: ``"conv2d"``, ``"linear"``, ``"matmul"`` (a product of two activations: an attention's q·kᵀ or
+            softmax·V), ``"add"`` (a sum of two activations: a residual add) or ``"output"`` (the network's output,
+            one activation and no ``w_bits``); see :data:`OPERATION_KINDS`.
         params: Number of weights (bias excluded: biases stay in 32 bits); 0 for a matmul, which stores none.
         macs: Multiply-accumulates per image.
         act_in: Input activation elements per image (a matmul's left operand: q, or the softmax output).
@@ -63,6 +64,11 @@ class LayerSpec:
     weight_shape: tuple[int, ...] = ()
     act_other: int = 0
     nonzero_params: int | None = None
+
+    @property
+    def additions(self) -> int:
+        """Integer additions per image outside the MACs: one per output element of an add, 0 for every other kind."""
+        return self.act_out if self.kind == "add" else 0
 
     @property
     def density(self) -> float:
@@ -95,17 +101,25 @@ class LayerSpec:
         )
 
 
+OPERATION_KINDS = ("matmul", "add", "output")
+"""Row kinds whose operands are all activations (no weights): ``w_bits`` is the right operand's width (none for
+``"output"``), read per image like ``a_bits``'s."""
+
+
 def uniform_setting(spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> tuple[int | None, int | None]:
     """The ``(w_bits, a_bits)`` a uniform ``W<w_bits>A<a_bits>`` setting gives the row ``spec``.
 
     A uniform setting quantizes weights at ``w_bits`` and every activation at ``a_bits``; both operands of a matmul
-    are activations, so a matmul row gets ``(a_bits, a_bits)`` (its ``w_bits`` is its right-hand operand).
+    or an add are activations, so such a row gets ``(a_bits, a_bits)`` (its ``w_bits`` is its right-hand operand), and
+    the output row ``(None, a_bits)``.
 
     Example:
         >>> uniform_setting(LayerSpec("attn.matmul_qk", "matmul", 0, 8, 4, 4, act_other=4), 4, 8)
         (8, 8)
     """
-    return (a_bits, a_bits) if spec.kind == "matmul" else (w_bits, a_bits)
+    if spec.kind == "output":
+        return None, a_bits
+    return (a_bits, a_bits) if spec.kind in OPERATION_KINDS else (w_bits, a_bits)
 
 
 @dataclass
@@ -172,6 +186,9 @@ class QuantPlan:
         if unknown:
             raise ValueError(f"QuantPlan: decisions given for unknown layers {sorted(unknown)}")
         self.layers: dict[str, LayerPlan] = {name: layers.get(name, LayerPlan()) for name in self.specs}
+        for name, spec in self.specs.items():
+            if spec.kind == "output":  # one activation, no right-hand operand: no w_bits to decide
+                self.layers[name].w_bits = None
         names = list(self.specs)
         self.entry_layers: list[str] = list(entry_layers) if entry_layers is not None else names[:1]
         """Layers that see the network input first (what ``first_last_bits`` pins as "first")."""
@@ -235,6 +252,7 @@ class QuantPlan:
         if unknown:
             raise ValueError(f"allocation names layers that the model does not have: {sorted(unknown)}")
         for name, (w_bits, a_bits) in bits.items():
+            w_bits = None if self.specs[name].kind == "output" else w_bits  # the output row has no w_bits
             self.layers[name].w_bits = validate_bits(w_bits, f"{name}.w_bits")
             self.layers[name].a_bits = validate_bits(a_bits, f"{name}.a_bits")
 

@@ -4,7 +4,8 @@ Two sources, applied in this order (a later one wins for a layer named twice):
 
 1. ``first_last_bits``: every entry layer (``plan.entry_layers``, the layers that see the network input) and every
    exit layer (``plan.exit_layers``, the classifier heads; several for models such as LeViT) at that many bits,
-   weights and activations;
+   weights and activations, and the quantized network output (a row of kind ``"output"``, under a target that
+   quantizes every activation) at that many bits;
 2. ``overrides``: ``{pattern: BitOverride}``, where a pattern is an exact layer name or ``"re:<regex>"`` (matched
    with ``re.fullmatch``, see :meth:`QuantPlan.match`), in the order given.
 
@@ -133,6 +134,8 @@ def pin_layers(
     chosen: dict[str, Bits] = {}
     if first_last_bits is not None:
         chosen.update(dict.fromkeys([*plan.entry_layers, *plan.exit_layers], (first_last_bits, first_last_bits)))
+        # A strict target's quantized network output (kind "output") is the last tensor of all: pinned with the heads.
+        chosen.update({name: (None, first_last_bits) for name, spec in plan.specs.items() if spec.kind == "output"})
     chosen.update(match_overrides(plan, overrides))
     for name in plan:
         decision = plan[name]

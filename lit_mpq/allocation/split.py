@@ -30,14 +30,12 @@ from __future__ import annotations
 from lit_mpq.allocation.base import Allocation, Policy
 from lit_mpq.bits import FP, validate_bits, validate_width
 from lit_mpq.energy.models import EnergyModel
-from lit_mpq.plan import QuantPlan
+from lit_mpq.plan import OPERATION_KINDS, QuantPlan
 
 __all__ = ["ORDERS", "Ascending", "Descending", "WeightSplit", "first_half"]
 
 ORDERS = ("asc", "desc")
 """``"asc"``: the first half of the weights at the low width; ``"desc"``: the first half at the high width."""
-
-MATMUL = "matmul"
 
 
 def first_half(plan: QuantPlan) -> dict[str, bool]:
@@ -56,7 +54,7 @@ def first_half(plan: QuantPlan) -> dict[str, bool]:
         >>> first_half(plan)  # "b" holds weights 1..3 of 4: one on each side of 2, a tie, so the first half
         {'a': True, 'b': True, 'c': False}
     """
-    names = [name for name in plan if not plan[name].pinned and plan.specs[name].kind != MATMUL]
+    names = [name for name in plan if not plan[name].pinned and plan.specs[name].kind not in OPERATION_KINDS]
     total = sum(plan.specs[name].params for name in names)
     halves, before = {}, 0
     for name in names:

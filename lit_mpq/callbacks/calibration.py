@@ -78,6 +78,12 @@ class Calibration(Callback):
         fold_batchnorm: Fold every BatchNorm that directly follows a Conv2d/Linear into it before quantizing, as a
             deployment does (:mod:`lit_mpq.quant.batchnorm`; the card's ``bn_folded``). Default (null): fold when the
             run exports a model (an :class:`~lit_mpq.callbacks.Export` callback is in the trainer), otherwise not.
+            A target that folds (``integer_only``) folds whatever this says, and refuses ``false``.
+        target: The hardware target (:mod:`lit_mpq.quant.targets`): ``lenient`` (the inputs of convolutions,
+            Linear layers and attention matmuls quantized; the default), ``integer_only`` (every activation tensor
+            quantized: the operands of every residual add and the network output too, BatchNorm folded, weights
+            symmetric, activations asymmetric) or ``integer_only_pow2`` (the same with power-of-two scales).
+            Recorded in the card.
 
     Raises:
         ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
@@ -100,6 +106,7 @@ class Calibration(Callback):
         act_observer_overrides: dict[str, str] | None = None,
         ptf_max_shift: int = 3,
         fold_batchnorm: bool | None = None,
+        target: str = "lenient",
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -118,7 +125,16 @@ class Calibration(Callback):
             post_layernorm=post_layernorm,
             act_observer_overrides=tuple((act_observer_overrides or {}).items()),
             ptf_max_shift=ptf_max_shift,
+            target=target,
         )
+        target_folds = self.settings.quant_target.fold_batchnorm
+        if target_folds is not None:
+            if fold_batchnorm is not None and fold_batchnorm != target_folds:
+                raise ValueError(
+                    f"Calibration: target {target!r} {'folds' if target_folds else 'never folds'} BatchNorm, but "
+                    f"fold_batchnorm is {fold_batchnorm}; leave fold_batchnorm null or choose another target"
+                )
+            fold_batchnorm = target_folds
         self.fold_batchnorm = fold_batchnorm
         self.folded_batchnorms: list[tuple[str, str]] = []
         """The ``(layer, batchnorm)`` pairs folded in ``setup``."""

@@ -35,7 +35,7 @@ from lit_mpq.callbacks._training import (
 )
 from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.energy import uniform_energy
-from lit_mpq.plan import QuantPlan
+from lit_mpq.plan import OPERATION_KINDS, QuantPlan
 from lit_mpq.qat.learned_bits import (
     LearnedBitWeightQuantizer,
     budget_penalty,
@@ -122,7 +122,7 @@ class BitWidthLearning(Callback):
         plan = require_plan(pl_module, "BitWidthLearning")
         for name, layer in quant_layers(pl_module.model).items():
             quantizer = getattr(layer, "weight_quantizer", None)
-            if plan[name].pinned or type(quantizer) is not WeightQuantizer or plan.specs[name].kind == "matmul":
+            if plan[name].pinned or type(quantizer) is not WeightQuantizer or plan.specs[name].kind in OPERATION_KINDS:
                 continue
             learned = LearnedBitWeightQuantizer.from_quantizer(quantizer, self.candidate_bits)
             learned.bit_width.optimizer_settings = {"lr_scale": self.bits_lr_scale, "weight_decay": 0.0}

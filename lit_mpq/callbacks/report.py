@@ -24,7 +24,7 @@ from lit_mpq.callbacks._common import QUANT_STAGES, is_quant_run, require_before
 from lit_mpq.callbacks.allocation import energy_model_of
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.quant.apply import quant_layers
-from lit_mpq.quant.attention import is_quant_matmul
+from lit_mpq.quant.operations import is_quant_operation
 from lit_mpq.report import (
     bit_distribution_pie,
     bit_width_figure,
@@ -135,7 +135,7 @@ class Report(Callback):
         quantizers = []
         for name, layer in quant_layers(pl_module.model).items():
             quantizers.append((name, layer.input_quantizer))
-            if is_quant_matmul(layer):  # its right-hand operand (k or v) is an activation too
+            if is_quant_operation(layer) and layer.other_quantizer is not None:  # k, v, an add's second operand
                 quantizers.append((f"{name} (right operand)", layer.other_quantizer))
         for name, quantizer in quantizers:
             row: dict[str, Any] = {

@@ -37,10 +37,10 @@ from torch import Tensor, nn
 
 from lit_mpq.deploy.checkpoint import QuantizedExportError, quantized_weight
 from lit_mpq.quant.apply import quant_layers
-from lit_mpq.quant.attention import QuantMatmul
 from lit_mpq.quant.functional import quant_range
 from lit_mpq.quant.layernorm import ChannelwiseActivationQuantizer
 from lit_mpq.quant.modules import ActivationQuantizer, QuantConv2d, QuantLayerMixin
+from lit_mpq.quant.operations import QuantOperation
 from lit_mpq.quant.power_of_two import PowerOfTwoFactorQuantizer
 from lit_mpq.quant.softmax import LogQuantizer
 
@@ -301,7 +301,10 @@ def onnx_model_for_export(model: nn.Module) -> nn.Module:
     """
     exported = copy.deepcopy(model).eval()
     for name, layer in quant_layers(exported).items():
-        if isinstance(layer, QuantMatmul):
+        if isinstance(layer, QuantOperation):  # an attention matmul, a residual add, the network output
+            if layer.other_quantizer is None:
+                layer.input_quantizer = _input_qdq(name, layer.input_quantizer)
+                continue
             layer.input_quantizer = _input_qdq(f"{name} (left operand)", layer.input_quantizer)
             layer.other_quantizer = _input_qdq(f"{name} (right operand)", layer.other_quantizer)
             continue

@@ -65,7 +65,7 @@ from lit_mpq.energy.models import (
     _check_bits,
     _check_constant,
 )
-from lit_mpq.plan import FLOAT_BITS, LayerSpec, QuantPlan
+from lit_mpq.plan import FLOAT_BITS, OPERATION_KINDS, LayerSpec, QuantPlan
 
 __all__ = [
     "DEFAULT_SRAM_BYTES",
@@ -341,6 +341,10 @@ class MemoryHierarchyEnergyModel(EnergyModel):
         """
         return self._mac.mac_pj(w_bits, a_bits)
 
+    def add_pj(self, w_bits: int | None, a_bits: int | None) -> float:
+        """Energy of one elementwise add of two activations, pJ (Horowitz's, with this model's constants)."""
+        return self._mac.add_pj(w_bits, a_bits)
+
     def working_set_bytes(self, spec: LayerSpec, w_bits: int | None, a_bits: int | None) -> float:
         """Activations of the whole batch that the layer needs on chip at once, bytes.
 
@@ -374,13 +378,14 @@ class MemoryHierarchyEnergyModel(EnergyModel):
             ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
         """
         mac = self.mac_pj(w_bits, a_bits)  # validates both widths
+        add = self.add_pj(w_bits, a_bits) if spec.additions else 0.0
         w_eff, a_eff = _width(w_bits), _width(a_bits)
         moved_bits = ACT_LEVEL_ACCESSES * (spec.act_in * a_eff + spec.act_other * w_eff)
         on_chip = self.activations_on_chip(spec, w_bits, a_bits)
         rf_second = spec.macs * w_eff * self.rf_pj_per_bit
-        matmul = spec.kind == "matmul"  # its second operand is an activation, not a weight
+        matmul = spec.kind in OPERATION_KINDS  # its second operand (if any) is an activation, not a weight
         return HierarchyEnergy(
-            mac_pj=spec.macs * mac,
+            mac_pj=spec.macs * mac + spec.additions * add,
             rf_weight_pj=0.0 if matmul else rf_second,
             rf_act_pj=spec.macs * a_eff * self.rf_pj_per_bit + (rf_second if matmul else 0.0),
             sram_act_pj=moved_bits * self.sram_pj_per_bit if on_chip else 0.0,

@@ -216,8 +216,24 @@ def _check_bits(bits: int | None, what: str) -> int | None:
     return bits
 
 
+def integer_add_pj(w_bits: int | None, a_bits: int | None, add8_pj: float, fp32_add_pj: float) -> float:
+    """Energy of one elementwise add of two operands at these widths, pJ.
+
+    An FP32 add when either is FP32, else the 8-bit integer add scaled linearly to the wider operand (an adder's
+    energy grows with its width).
+    """
+    if w_bits is None or a_bits is None:
+        return fp32_add_pj
+    return add8_pj * max(w_bits, a_bits) / REFERENCE_MAC_BITS
+
+
 def _dram_layer_terms(
-    spec: LayerSpec, mac_pj: float, w_bits: int | None, a_bits: int | None, dram_pj_per_bit: float
+    spec: LayerSpec,
+    mac_pj: float,
+    w_bits: int | None,
+    a_bits: int | None,
+    dram_pj_per_bit: float,
+    add_pj: float = 0.0,
 ) -> EnergyTerms:
     """Terms shared by every model: ``macs * mac_pj``, and weights and inputs moved once from DRAM.
 
@@ -227,15 +243,17 @@ def _dram_layer_terms(
         w_bits: Weight bit width (already validated), ``None`` counts as 32 bits.
         a_bits: Input-activation bit width (already validated), ``None`` counts as 32 bits.
         dram_pj_per_bit: Energy to move one bit from DRAM, pJ.
+        add_pj: Energy of one of an add row's elementwise additions (``spec.additions``), pJ.
 
     Returns:
-        ``EnergyTerms(macs * mac_pj, params * w_bits * E_bit, (act_in * a_bits + act_other * w_bits) * E_bit)``,
-        pJ per image (``act_other`` is a matmul's right-hand operand; 0 for weight layers).
+        ``EnergyTerms(macs * mac_pj + additions * add_pj, params * w_bits * E_bit,
+        (act_in * a_bits + act_other * w_bits) * E_bit)``, pJ per image (``act_other`` is a matmul's or an add's
+        right-hand operand; 0 for weight layers).
     """
     w_eff = FLOAT_BITS if w_bits is None else w_bits
     a_eff = FLOAT_BITS if a_bits is None else a_bits
     return EnergyTerms(
-        mac_pj=spec.macs * mac_pj,
+        mac_pj=spec.macs * mac_pj + spec.additions * add_pj,
         weight_mem_pj=spec.params * w_eff * dram_pj_per_bit,
         # A matmul's right-hand operand (k, v) is an activation too: read per image at its (w_bits) width.
         act_mem_pj=(spec.act_in * a_eff + spec.act_other * w_eff) * dram_pj_per_bit,
@@ -280,7 +298,20 @@ class PerMacEnergyModel(EnergyModel):
         Raises:
             ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
         """
-        return _dram_layer_terms(spec, self.mac_pj(w_bits, a_bits), w_bits, a_bits, self.dram_pj_per_bit)
+        _check_bits(w_bits, "w_bits"), _check_bits(a_bits, "a_bits")
+        # Rows without MACs (adds, the output) need no MAC price: a table of measured MACs may not list their pair.
+        mac_pj = self.mac_pj(w_bits, a_bits) if spec.macs else 0.0
+        add_pj = self.add_pj(w_bits, a_bits) if spec.additions else 0.0
+        return _dram_layer_terms(spec, mac_pj, w_bits, a_bits, self.dram_pj_per_bit, add_pj)
+
+    def add_pj(self, w_bits: int | None, a_bits: int | None) -> float:
+        """Energy of one elementwise add of two activations (a residual add), pJ.
+
+        :func:`integer_add_pj` with the model's ``add8_pj`` / ``fp32_add_pj`` where it has them, Horowitz's otherwise.
+        """
+        return integer_add_pj(
+            w_bits, a_bits, getattr(self, "add8_pj", INT8_ADD_PJ), getattr(self, "fp32_add_pj", FP32_ADD_PJ)
+        )
 
 
 class HorowitzEnergyModel(PerMacEnergyModel):

@@ -114,6 +114,8 @@ class LearnedStepWeightQuantizer(WeightQuantizer):
         bits, symmetric, per_channel, method: As for :class:`~lit_mpq.quant.modules.WeightQuantizer`.
     """
 
+    supports_power_of_two = False  # its levels are not one uniform step: the power-of-two target refuses it
+
     def __init__(
         self,
         out_channels: int,
@@ -183,6 +185,8 @@ class LearnedStepActivationQuantizer(ActivationQuantizer):
 
     The observer and its statistics are kept: other bit widths, and the observed range, are as calibrated.
     """
+
+    supports_power_of_two = False  # its levels are not one uniform step: the power-of-two target refuses it
 
     def __init__(self, observer: nn.Module, bits: int | None = 8) -> None:
         super().__init__(observer, bits)

@@ -38,7 +38,9 @@ from lit_mpq.quant.modules import (
     unsupported_reason,
 )
 from lit_mpq.quant.observers import OBSERVERS, build_observer
+from lit_mpq.quant.operations import QuantOperation, QuantOutput, is_quant_operation
 from lit_mpq.quant.softmax import SOFTMAX_QUANTIZERS, UNDERFLOW_VALUES, build_softmax_quantizer
+from lit_mpq.quant.targets import QuantTarget, resolve_target
 from lit_mpq.quant.weights import GRANULARITIES, WEIGHT_METHODS
 
 
@@ -81,6 +83,10 @@ class QuantSettings:
             side a single 4-bit grid rounds away; :mod:`lit_mpq.quant.twin_uniform`).
         ptf_max_shift: ``K`` of the ``"ptf"`` overrides: channel factors ``2^0 .. 2^K`` (FQ-ViT uses 3; one channel
             of ViT-Tiny's block-7 fc2 input spans 69 times the median channel, which wants 6).
+        target: The hardware target (:mod:`lit_mpq.quant.targets`): ``"lenient"`` (layer inputs only, the default),
+            ``"integer_only"`` (every activation tensor quantized: residual adds' operands and the output too, BatchNorm
+            folded) or ``"integer_only_pow2"`` (the same with power-of-two scales). A target that fixes the weights'
+            or activations' range type overrides ``weight_symmetric`` / ``act_symmetric``.
     """
 
     weight_granularity: str = "per_channel"
@@ -97,8 +103,29 @@ class QuantSettings:
     post_layernorm: str = "per_tensor"
     act_observer_overrides: tuple[tuple[str, str], ...] = ()
     ptf_max_shift: int = 3
+    target: str = "lenient"
 
     def __post_init__(self) -> None:
+        target = resolve_target(self.target)  # validates the name
+        if target.weights is not None:
+            object.__setattr__(self, "weight_symmetric", target.weights == "symmetric")
+        if target.activations is not None:
+            object.__setattr__(self, "act_symmetric", target.activations == "symmetric")
+        if target.power_of_two:
+            special = [
+                f"{label} {value!r}"
+                for label, value, plain in (
+                    ("softmax_quantizer", self.softmax_quantizer, "uniform"),
+                    ("post_layernorm", self.post_layernorm, "per_tensor"),
+                )
+                if value != plain
+            ] + [f"act_observer_overrides {p!r}: {o!r}" for p, o in self.act_observer_overrides if o not in OBSERVERS]
+            if special:
+                raise ValueError(
+                    f"target {self.target!r} needs uniform quantizers with one scale per tensor or channel, but "
+                    f"{'; '.join(special)} give other levels: set softmax_quantizer 'uniform', post_layernorm "
+                    "'per_tensor' and plain observers, or choose the 'integer_only' target"
+                )
         if self.weight_granularity not in GRANULARITIES:
             raise ValueError(
                 f"weight_granularity {self.weight_granularity!r} is not supported; choose one of {list(GRANULARITIES)}"
@@ -143,6 +170,11 @@ class QuantSettings:
                     f"act_observer_overrides: {pattern!r} maps to unknown observer {observer!r}; choose one of "
                     f"{sorted(OVERRIDE_RANGES)}"
                 )
+
+    @property
+    def quant_target(self) -> QuantTarget:
+        """The :class:`~lit_mpq.quant.targets.QuantTarget` named by ``target``."""
+        return resolve_target(self.target)
 
     def observer_for(self, name: str) -> str:
         """The activation observer of the layer named ``name`` (its override, or ``act_observer``)."""
@@ -292,7 +324,41 @@ def quantize_model(model: nn.Module, settings: QuantSettings, filter_fn: FilterF
                 ),
             )
             _replace(model, name, twin)
+    target = settings.quant_target
+    if target.quantizes_everything:
+        from lit_mpq.quant.strict_graph import quantize_adds, quantize_output
+
+        quantize_adds(model, settings.activation_quantizer)
+
+        def output_quantizer() -> ActivationQuantizer:
+            quantizer = settings.activation_quantizer()
+            quantizer.bits = target.output_bits
+            return quantizer
+
+        quantize_output(model, output_quantizer)
+    if target.power_of_two:
+        _use_power_of_two_scales(model)
     return quant_layer_names(model)
+
+
+def _use_power_of_two_scales(model: nn.Module) -> None:
+    """Make every quantizer of ``model`` round its scale up to a power of two.
+
+    A quantizer whose levels are not one uniform step per tensor or channel (logarithmic softmax levels,
+    twin-uniform, per-channel post-LayerNorm) is an error.
+    """
+    unsupported = []
+    for name, quantizer in model.named_modules():
+        if isinstance(quantizer, WeightQuantizer | ActivationQuantizer):
+            if not quantizer.supports_power_of_two:
+                unsupported.append(f"{name} ({type(quantizer).__name__})")
+            quantizer.power_of_two = True
+    if unsupported:
+        raise ValueError(
+            f"the power-of-two target needs uniform quantizers; these are not: {', '.join(unsupported[:4])}"
+            f"{f' and {len(unsupported) - 4} more' if len(unsupported) > 4 else ''}. Use softmax_quantizer 'uniform', "
+            "post_layernorm 'per_tensor' and no 'ptf'/'twin_uniform' overrides, or the 'integer_only' target"
+        )
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -380,7 +446,9 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin | QuantMatmul]:
     Both kinds answer ``quantizer("w")`` / ``quantizer("a")`` and have an ``input_quantizer``; only layers have a
     ``weight`` (:func:`is_quant_matmul` tells them apart).
     """
-    return {name: module for name, module in model.named_modules() if is_quant_layer(module) or is_quant_matmul(module)}
+    return {
+        name: module for name, module in model.named_modules() if is_quant_layer(module) or is_quant_operation(module)
+    }
 
 
 def quant_layer_names(model: nn.Module) -> list[str]:
@@ -410,8 +478,8 @@ def _trace(model: nn.Module, example_input: Tensor) -> _Trace:
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             trace.called.setdefault(name)
-            if is_quant_matmul(module):
-                _record_matmul(trace, name, inputs, output, batch)
+            if is_quant_operation(module):
+                _record_operation(trace, name, module, inputs, output, batch)
                 return
             if not is_quant_layer(module):
                 return
@@ -449,24 +517,36 @@ def _trace(model: nn.Module, example_input: Tensor) -> _Trace:
     handles = [
         module.register_forward_hook(make_hook(name))
         for name, module in model.named_modules()
-        if name and (is_weight_layer(module) or is_quant_matmul(module))
+        if name and (is_weight_layer(module) or is_quant_operation(module))
     ]
     _hooked_eval_forward(model, example_input, handles)
     return trace
 
 
-def _record_matmul(trace: _Trace, name: str, inputs: tuple[Tensor, ...], output: Tensor, batch: int) -> None:
-    """A matmul's spec: MACs ``out_elements * inner_dim``, its two operands' sizes, no weights."""
-    a, b = inputs[0], inputs[1]
+def _record_operation(
+    trace: _Trace, name: str, module: QuantOperation, inputs: tuple, output: object, batch: int
+) -> None:
+    """Record an operation's spec, no weights.
+
+    A matmul's MACs ``out_elements * inner_dim`` and its two operands' sizes; an add's two operands' sizes (its
+    additions are its output elements); the output's size. An add that only ever adds numbers (``x.shape[0] + 1``)
+    is no row.
+    """
+    a = inputs[0]
+    b = inputs[1] if len(inputs) > 1 else None
+    if not isinstance(a, Tensor) or (module.other_quantizer is not None and not isinstance(b, Tensor)):
+        return
+    if isinstance(module, QuantOutput):
+        output = a  # the hook sees the tensor; the model's output may be a tuple of them, each its own call
     out_per_image = output.numel() // batch
     spec = LayerSpec(
         name=name,
-        kind="matmul",
+        kind=module.kind,
         params=0,
-        macs=out_per_image * a.shape[-1],
+        macs=out_per_image * a.shape[-1] if module.kind == "matmul" else 0,
         act_in=a.numel() // batch,
         act_out=out_per_image,
-        act_other=b.numel() // batch,
+        act_other=0 if b is None else b.numel() // batch,
     )
     previous = trace.specs.get(name)
     if previous is not None:  # called twice per forward: add up its work
@@ -526,9 +606,18 @@ def measure_model(model: nn.Module, example_input: Tensor) -> QuantPlan:
         The plan, every layer at the default bit widths.
     """
     trace = _trace(model, example_input)
+    unused_adds = set()
     for name, layer in quant_layers(model).items():
-        if name not in trace.specs and not is_quant_matmul(layer):
+        if name in trace.specs:
+            continue
+        if is_quant_layer(layer):
             _replace(model, name, layer.to_float())
+        elif layer.kind == "add":
+            unused_adds.add(name)
+    if unused_adds:
+        from lit_mpq.quant.strict_graph import drop_unused_adds
+
+        drop_unused_adds(model, unused_adds)
     for name, module in list(model.named_modules()):
         if is_quant_attention(module) and not {f"{name}.matmul_qk", f"{name}.matmul_av"} <= set(trace.specs):
             _replace(model, name, module.to_float())  # an attention the eval forward never runs
@@ -539,7 +628,8 @@ def measure_model(model: nn.Module, example_input: Tensor) -> QuantPlan:
         elif name and _has_float_matmuls(module):
             float_layers[name] = _float_matmul_reason(module)
     names = quant_layer_names(model)
-    order = [name for name in trace.called if name in trace.specs]  # quantized layers, in execution order
+    # Quantized layers and matmuls in execution order; adds and the output never count as a first or last layer.
+    order = [name for name in trace.called if name in trace.specs and trace.specs[name].kind not in ("add", "output")]
     return QuantPlan(
         [trace.specs[name] for name in names],
         entry_layers=[name for name in order if name in trace.reads_input],
@@ -674,5 +764,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
         decision = plan[name]
         for kind, bits in (("w", decision.w_bits), ("a", decision.a_bits)):
             quantizer = layer.quantizer(kind)
+            if quantizer is None:  # the output row has no right-hand operand
+                continue
             quantizer.bits = bits
             quantizer.set_mode("quant")

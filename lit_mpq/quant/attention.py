@@ -28,9 +28,10 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lit_mpq.quant.modules import ActivationQuantizer, _rebuild
+from lit_mpq.quant.operations import QuantOperation
 
 
-class QuantMatmul(nn.Module):
+class QuantMatmul(QuantOperation):
     """``a @ b`` with both operands fake-quantized: one attention matmul, one row of the plan.
 
     Args:
@@ -50,10 +51,6 @@ class QuantMatmul(nn.Module):
         self.other_quantizer = other_quantizer
         self.input_scale = input_scale
 
-    def quantizer(self, kind: str) -> ActivationQuantizer:
-        """The quantizer of the plan's tensor ``kind``: ``"a"`` the left operand, ``"w"`` the right one."""
-        return self.other_quantizer if kind == "w" else self.input_quantizer
-
     def product(self, a: Tensor, b: Tensor) -> Tensor:
         """The float product of operands as the layer sees them (after quantization): ``(a · input_scale) @ b``.
 
@@ -66,6 +63,11 @@ class QuantMatmul(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """Quantize both operands as the quantizers' modes say, then multiply."""
         return self.product(self.input_quantizer(a), self.other_quantizer(b))
+
+    def operand_error(self, kind: str, delta: Tensor, operands: tuple[Tensor, ...]) -> Tensor:
+        """The product is linear in each operand: the output changes by the product with the operand's change."""
+        a, b = operands
+        return self.product(delta, b) if kind == "a" else self.product(a, delta)
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"input_scale={self.input_scale}" if self.input_scale is not None else ""

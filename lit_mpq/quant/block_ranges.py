@@ -54,8 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from lit_mpq.quant.apply import quantizers_mode
-from lit_mpq.quant.attention import QuantMatmul
 from lit_mpq.quant.modules import ActivationQuantizer, QuantLayerMixin, WeightQuantizer
+from lit_mpq.quant.operations import QuantOperation
 
 OBJECTIVES = ("mse", "channel_normalized")
 TARGETS = ("float_network", "float_block")
@@ -104,7 +104,7 @@ class _Stop(Exception):
 
 
 def _holds_quant_layers(module: nn.Module) -> bool:
-    return any(isinstance(m, QuantLayerMixin | QuantMatmul) for m in module.modules())
+    return any(isinstance(m, QuantLayerMixin | QuantOperation) for m in module.modules())
 
 
 def find_blocks(model: nn.Module) -> list[str]:

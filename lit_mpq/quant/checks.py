@@ -59,14 +59,16 @@ def check_calibrated(model: nn.Module) -> None:
         NonFiniteError: If a layer's input held NaN or infinite values.
         ValueError: If a layer saw no calibration data at all.
     """
-    from lit_mpq.quant.attention import is_quant_matmul
     from lit_mpq.quant.modules import is_quant_layer
+    from lit_mpq.quant.operations import is_quant_operation
 
     observed = []
     for name, layer in model.named_modules():
         if is_quant_layer(layer):
             observed.append((name, layer.input_quantizer))
-        elif is_quant_matmul(layer):  # both operands are activations: "<matmul> (left/right operand)"
+        elif is_quant_operation(layer) and layer.other_quantizer is None:  # the network output
+            observed.append((name, layer.input_quantizer))
+        elif is_quant_operation(layer):  # both operands are activations: "<matmul> (left/right operand)"
             observed += [
                 (f"{name} (left operand)", layer.input_quantizer),
                 (f"{name} (right operand)", layer.other_quantizer),

@@ -72,6 +72,32 @@ def qparams_from_range(min_val: Tensor, max_val: Tensor, bits: int, symmetric: b
     return scale, zero_point
 
 
+def power_of_two_qparams(scale: Tensor, zero_point: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """The scale rounded up to the next power of two, and the zero point that keeps the range's low end.
+
+    A power-of-two scale turns every rescaling on integer hardware into a shift (MCT's power-of-two platform,
+    Jacob et al.'s fixed-point multiplier with no mantissa). Rounding up never clips what ``scale`` kept: the grid's
+    span ``(qmax - qmin) * scale`` only grows. An asymmetric range keeps its low end ``(qmin - zero_point) * scale``
+    to within half a new step.
+
+    Args:
+        scale: Positive float scales (scalar or one per channel).
+        zero_point: Integer zero points of the same shape.
+        bits: Bit width.
+        symmetric: Symmetric (zero point stays 0) or asymmetric.
+
+    Returns:
+        ``(2^ceil(log2 scale), zero_point')``.
+    """
+    qmin, qmax = quant_range(bits, symmetric)
+    snapped = torch.exp2(torch.ceil(torch.log2(scale.float())))
+    if symmetric:
+        return snapped, zero_point
+    low = (qmin - zero_point.to(torch.float32)) * scale.float()
+    shifted = torch.clamp(qmin - torch.round(low / snapped).to(torch.int64), qmin, qmax)
+    return snapped, shifted
+
+
 def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor:
     if axis is None or param.dim() == 0:
         return param

@@ -286,6 +286,8 @@ class ChannelwiseActivationQuantizer(ActivationQuantizer):
         TypeError: If ``observer`` is not a per-channel observer.
     """
 
+    supports_power_of_two = False  # its levels are not one uniform step: the power-of-two target refuses it
+
     def __init__(self, observer: Observer, bits: int | None = 8) -> None:
         if not isinstance(getattr(observer, "num_channels", None), int):
             raise TypeError(

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from lit_mpq.quant.functional import fake_quantize, qparams_from_range, quant_range
+from lit_mpq.quant.functional import fake_quantize, power_of_two_qparams, qparams_from_range, quant_range
 from lit_mpq.quant.observers import Observer
 from lit_mpq.quant.weights import weight_qparams
 
@@ -50,6 +50,17 @@ class _Quantizer(nn.Module):
         self.symmetric = symmetric
         self.mode = "off"
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.power_of_two = False
+        """Round every scale up to a power of two (a target that rescales by shifts: :mod:`lit_mpq.quant.targets`)."""
+
+    supports_power_of_two: ClassVar[bool] = True
+    """Whether :attr:`power_of_two` is honoured (False for quantizers whose levels are not one uniform step)."""
+
+    def _snap(self, qparams: tuple[Tensor, Tensor], bits: int) -> tuple[Tensor, Tensor]:
+        """``qparams`` with the scale rounded up to a power of two when :attr:`power_of_two` is set."""
+        if not self.power_of_two:
+            return qparams
+        return power_of_two_qparams(*qparams, bits, self.symmetric)
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -141,7 +152,7 @@ class WeightQuantizer(_Quantizer):
         key = (bits, *(version or _tensor_version(weight)))
         cached = self._cache.get(key)  # get, not `in` + index: rounding runs forwards in threads (lit_mpq.rounding)
         if cached is None:
-            cached = weight_qparams(weight, bits, self.symmetric, self.per_channel, self.method)
+            cached = self._snap(weight_qparams(weight, bits, self.symmetric, self.per_channel, self.method), bits)
             self._cache[key] = cached
         return cached
 
@@ -211,12 +222,13 @@ class ActivationQuantizer(_Quantizer):
         if bits not in self._cache:
             factor = self.range_factors.get(bits, 1.0)
             if factor == 1.0:
-                self._cache[bits] = self.observer.qparams(bits)
+                self._cache[bits] = self._snap(self.observer.qparams(bits), bits)
             else:
                 if not self.observer.has_data:
                     self.observer.qparams(bits)  # raises the observer's own "run calibration first" error
                 low, high = self.observer.clip_range(bits)
-                self._cache[bits] = qparams_from_range(low * factor, high * factor, bits, self.symmetric)
+                qparams = qparams_from_range(low * factor, high * factor, bits, self.symmetric)
+                self._cache[bits] = self._snap(qparams, bits)
         return self._cache[bits]
 
     def quantize(self, x: Tensor, bits: int) -> Tensor:

@@ -80,6 +80,8 @@ class PowerOfTwoFactorQuantizer(ActivationQuantizer):
         bits: Initial bit width (None = FP32).
     """
 
+    supports_power_of_two = False  # its levels are not one uniform step: the power-of-two target refuses it
+
     def __init__(self, num_channels: int, max_shift: int = DEFAULT_MAX_SHIFT, bits: int | None = 8) -> None:
         if max_shift < 0:
             raise ValueError(f"max_shift must be 0 or more, got {max_shift}")

@@ -161,6 +161,8 @@ class LogQuantizer(ActivationQuantizer):
             calibration values under the smallest level, snapped to the logarithmic grid; module docstring).
     """
 
+    supports_power_of_two = False  # its levels are not one uniform step: the power-of-two target refuses it
+
     def __init__(
         self,
         steps_per_octave: int = 1,

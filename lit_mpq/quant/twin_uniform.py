@@ -106,6 +106,8 @@ class TwinUniformQuantizer(ActivationQuantizer):
         num_candidates: Resolution of the positive clipping search.
     """
 
+    supports_power_of_two = False  # its levels are not one uniform step: the power-of-two target refuses it
+
     def __init__(self, bits: int | None = 8, num_candidates: int = 200) -> None:
         super().__init__(HistogramObserver(symmetric=False), bits)
         self.num_candidates = num_candidates

@@ -36,6 +36,7 @@ import yaml
 import lit_mpq
 from lit_mpq.energy.models import EnergyModel, precision_key
 from lit_mpq.plan import QuantPlan, validate_bits
+from lit_mpq.quant.targets import resolve_target
 from lit_mpq.quant.weights import GRANULARITIES
 from lit_mpq.report.files import to_plain
 
@@ -158,6 +159,7 @@ def build_card(
     pruning: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     analog_noise: Mapping[str, Any] | None = None,
+    target: str = "lenient",
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -203,6 +205,7 @@ def build_card(
             or ``None`` for a post-training model.
         analog_noise: Settings of the analog noise the evaluation ran with (``AnalogNoise``: model, sigma, mean
             energy per MAC, allocated or uniform), or ``None`` for a noise-free evaluation.
+        target: The hardware target's name (:mod:`lit_mpq.quant.targets`); the card records all its fields.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -229,6 +232,7 @@ def build_card(
         "percentile": float(percentile) if "percentile" in observers_used and percentile is not None else None,
         "ptf_max_shift": int(ptf_max_shift) if "ptf" in observers_used and ptf_max_shift is not None else None,
         "block_ranges": dict(block_ranges) if block_ranges else None,
+        "target": resolve_target(target).to_dict(),
         "first_last_precision": first_last_precision(plan),
         "attention": {
             "matmuls_quantized": bool(attention) and any(spec.kind == "matmul" for spec in plan.specs.values()),

@@ -126,6 +126,7 @@ def run_card(
         pruning=record.pruning.get("settings") if record.pruning else None,
         training=record.training.get("settings") if record.training else None,
         analog_noise=record.analog.get("settings") if record.analog else None,
+        target=settings.get("target", "lenient"),
     )
 
 

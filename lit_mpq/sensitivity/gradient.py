@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lit_mpq.quant.apply import quant_layers, quantizers_mode
-from lit_mpq.quant.attention import QuantMatmul, is_quant_matmul
+from lit_mpq.quant.operations import QuantOperation, is_quant_operation
 from lit_mpq.sensitivity.output_error import SensitivityStats
 
 ForwardFn = Callable[[Tensor], Tensor]
@@ -90,14 +90,14 @@ def probe_fisher(
 
         return pre_hook
 
-    def make_matmul_hook(name: str):
-        def pre_hook(layer: QuantMatmul, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-            # Both operands are activations: each gets the per-image treatment of a layer input, through an alias
-            # whose gradient is this product's use of it only (k and v come out of one qkv tensor).
+    def make_operation_hook(name: str):
+        def pre_hook(layer: QuantOperation, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+            # Every operand is an activation: each gets the per-image treatment of a layer input, through an alias
+            # whose gradient is this operation's use of it only (k and v come out of one qkv tensor).
             operands = list(args)
-            for position, kind in ((0, "a"), (1, "w")):
+            for position, kind in enumerate(layer.operands()):
                 x = args[position]
-                if kind not in kinds or not x.requires_grad:
+                if kind not in kinds or not isinstance(x, Tensor) or not x.requires_grad:
                     continue
                 alias = x.view_as(x)
                 alias.register_hook(_grad_hook(layer.quantizer(kind), x.detach(), name, kind))
@@ -133,11 +133,11 @@ def probe_fisher(
     with torch.inference_mode(False), torch.enable_grad(), quantizers_mode(model, "off"):
         for p in model.parameters():  # only the quantized weights need their gradients
             p.requires_grad_(False)
-        matmuls = {name: layer for name, layer in layers.items() if is_quant_matmul(layer)}
-        weighted = {name: layer for name, layer in layers.items() if name not in matmuls}
+        operations = {name: layer for name, layer in layers.items() if is_quant_operation(layer)}
+        weighted = {name: layer for name, layer in layers.items() if name not in operations}
         for layer in weighted.values():
             layer.weight.requires_grad_("w" in kinds)
-        handles += [layer.register_forward_pre_hook(make_matmul_hook(name)) for name, layer in matmuls.items()]
+        handles += [layer.register_forward_pre_hook(make_operation_hook(name)) for name, layer in operations.items()]
         if "a" in kinds:
             handles += [layer.register_forward_pre_hook(make_input_hook(name)) for name, layer in weighted.items()]
         if "w" in kinds:

@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lit_mpq.quant.apply import quant_layers, quantizers_mode
-from lit_mpq.quant.attention import QuantMatmul, is_quant_matmul
+from lit_mpq.quant.operations import QuantOperation, is_quant_operation
 
 ForwardFn = Callable[[Tensor], Tensor]
 
@@ -177,21 +177,24 @@ def probe_output_error(
 
     k = len(candidates)
 
-    def matmul_hook(name: str):
-        def hook(layer: QuantMatmul, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            # a @ b is linear in each operand: the output error of quantizing one is the product with its error.
+    def operation_hook(name: str):
+        def hook(layer: QuantOperation, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            # A matmul is linear in each operand, an add passes a change through: the output error of quantizing one
+            # operand is the operation's response to that operand's error alone (operand_error).
+            if not all(isinstance(x, Tensor) for x in inputs):
+                return
             stats.output_sq[name] += float(torch.linalg.vector_norm(output.float())) ** 2
             images = inputs[0].shape[0] / inputs[0][::subsample].shape[0]
-            a, b = inputs[0][::subsample], inputs[1][::subsample]
+            operands = tuple(x[::subsample] for x in inputs)
             for kind, sums in (("w", stats.weight_sq[name]), ("a", stats.act_sq[name])):
                 if kind not in kinds:
                     continue
+                if kind not in layer.operands():  # the output row has no right-hand operand: its score stays 0
+                    continue
+                x = operands[0 if kind == "a" else 1]
                 quantizer = layer.quantizer(kind)
                 for bits in candidates:
-                    if kind == "a":
-                        error = layer.product(quantizer.quantize(a, bits) - a, b)
-                    else:
-                        error = layer.product(a, quantizer.quantize(b, bits) - b)
+                    error = layer.operand_error(kind, quantizer.quantize(x, bits) - x, operands)
                     sums[bits] += float(torch.linalg.vector_norm(error)) ** 2 * images
 
         return hook
@@ -236,7 +239,7 @@ def probe_output_error(
 
     run = forward or model
     handles = [
-        layer.register_forward_hook((matmul_hook if is_quant_matmul(layer) else make_hook)(name))
+        layer.register_forward_hook((operation_hook if is_quant_operation(layer) else make_hook)(name))
         for name, layer in layers.items()
     ]
     try:

@@ -151,6 +151,7 @@ def test_the_record_and_the_logged_count_give_the_calibration_set_size(calibrate
         "post_layernorm": "per_tensor",
         "act_observer_overrides": (),
         "ptf_max_shift": 3,
+        "target": "lenient",
         "bn_folded": False,  # no Export callback: not folded by default
     }
     assert float(calibrated.trainer.callback_metrics["calib/num_images"]) == CALIB

@@ -50,9 +50,7 @@ def calibrated_model(model: nn.Module, settings: QuantSettings, size: int, seed:
                 module.enable_bias_correction()
     x = torch.randn(16, 3, size, size)
     calibrate(model, [x[:8]])
-    for name in plan.names:
-        plan[name].w_bits = rng.choice([2, 3, 4, 5, 6, 8])
-        plan[name].a_bits = rng.choice(a_bits)
+    plan.set_bits({name: (rng.choice([2, 3, 4, 5, 6, 8]), rng.choice(a_bits)) for name in plan.names})
     apply_plan(model, plan)
     return plan, x
 

@@ -39,8 +39,16 @@ def write(model, plan, settings, tmp_path, backbone="cifar_resnet20", size=32, p
         RESNET_SETTINGS,
         QuantSettings(weight_granularity="per_tensor", weight_symmetric=False, act_observer="percentile"),
         QuantSettings(weight_observer="mse", act_symmetric=True),
+        QuantSettings(act_observer="mse", target="integer_only"),
+        QuantSettings(act_observer="mse", target="integer_only_pow2"),
     ],
-    ids=["per-channel+bias-correction", "per-tensor-asymmetric", "mse-weights-symmetric-acts"],
+    ids=[
+        "per-channel+bias-correction",
+        "per-tensor-asymmetric",
+        "mse-weights-symmetric-acts",
+        "integer-only",  # the residual adds' operands and the output too
+        "integer-only-pow2",
+    ],
 )
 def test_resnet_reloads_bit_identical_without_data(tmp_path, settings, calibrated_resnet):
     model, plan, x, pairs = calibrated_resnet(settings=settings)

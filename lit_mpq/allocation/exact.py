@@ -55,6 +55,7 @@ from lit_mpq.bits import parse_setting as parse_uniform_setting  # the name it h
 from lit_mpq.energy import HorowitzEnergyModel, uniform_energy
 from lit_mpq.energy.models import EnergyModel
 from lit_mpq.plan import LayerSpec, QuantPlan
+from lit_mpq.quant.targets import QuantTarget, pair_allowed
 
 __all__ = ["ExactAllocation", "InfeasibleBudgetError", "parse_uniform_setting"]
 
@@ -167,8 +168,30 @@ class ExactAllocation(Policy):
         if all(getattr(self, option) is None for option in BUDGET_OPTIONS):
             raise ValueError(f"{owner} needs at least one budget: set one or more of {list(BUDGET_OPTIONS)}")
         self.last_solution_info: dict[str, Any] = {}
+        self.hardware_target: QuantTarget | None = None
+        """The run's hardware target (set by ``BitAllocator`` from ``Calibration.target``): options its
+        ``bit_pairs`` do not allow are unavailable to the solver."""
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _unavailable(self, plan: QuantPlan, names: list[str]) -> np.ndarray:
+        """``[L, K]`` True where the hardware target does not allow option ``k`` for layer ``l``."""
+        mask = np.zeros((len(names), len(self.options)), dtype=bool)
+        target = self.hardware_target
+        if target is None or target.bit_pairs is None:
+            return mask
+        for i, name in enumerate(names):
+            kind = plan.specs[name].kind
+            for k, (w_bits, a_bits) in enumerate(self.options):
+                mask[i, k] = not pair_allowed(target, kind, None if kind == "output" else w_bits, a_bits)
+        blocked = [names[i] for i in np.flatnonzero(mask.all(axis=1))]
+        if blocked:
+            raise ValueError(
+                f"{type(self).__name__}: no candidate pair of {blocked[0]!r} ({len(blocked)} layers likewise) is among "
+                f"the target {target.name!r}'s bit_pairs {[list(p) for p in target.bit_pairs]}; add candidates that "
+                "form allowed pairs"
+            )
+        return mask
+
     @property
     def options(self) -> list[tuple[int, int]]:
         """The ``(w_bits, a_bits)`` pairs a layer may get, in the solver's column order."""
@@ -214,6 +237,7 @@ class ExactAllocation(Policy):
                 sensitivity is not finite.
         """
         objective = np.zeros((len(names), len(self.options)))
+        unavailable = self._unavailable(plan, names)
         for kind, candidates, weight in (("w", self.w_candidates, 1.0), ("a", self.a_candidates, self.act_weight)):
             if weight == 0 or not names:
                 continue
@@ -233,6 +257,7 @@ class ExactAllocation(Policy):
                             f"layer {name!r}: {TENSOR[kind]} sensitivity at {bits} bits is {score}; probe it again"
                         )
                     objective[i, k] += weight * score
+        objective[unavailable] = np.inf
         return objective
 
     def _constraints(self, plan: QuantPlan, names: list[str], energy_model: EnergyModel) -> list[Constraint]:
@@ -310,7 +335,7 @@ class ExactAllocation(Policy):
         names = [name for name in plan if not plan[name].pinned]
         constraints = self._constraints(plan, names, energy_model)
         try:
-            solve_multiple_choice(np.zeros((len(names), len(self.options))), constraints)
+            solve_multiple_choice(np.where(self._unavailable(plan, names), np.inf, 0.0), constraints)
         except InfeasibleBudgetError as err:
             raise InfeasibleBudgetError(f"{self.describe()} over {len(names)} free layers: {err}") from None
 

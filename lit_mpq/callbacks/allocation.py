@@ -25,7 +25,9 @@ from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
 from lit_mpq.energy import EnergyModel, HorowitzEnergyModel
+from lit_mpq.plan import QuantPlan
 from lit_mpq.quant.apply import apply_plan
+from lit_mpq.quant.targets import QuantTarget, pair_violations, resolve_target
 from lit_mpq.report.record import AllocationRecord
 
 __all__ = ["BitAllocator", "BitOverride", "energy_model_of"]
@@ -77,6 +79,24 @@ class BitAllocator(Callback):
         """Where ``plan.yaml`` goes; None: the run's folder. A sweep points it at each point's folder."""
         self._done = False
 
+    @staticmethod
+    def _target(trainer: pl.Trainer) -> QuantTarget:
+        calibration = next((cb for cb in trainer.callbacks if isinstance(cb, Calibration)), None)
+        return calibration.settings.quant_target if calibration is not None else resolve_target("lenient")
+
+    @staticmethod
+    def _check_pairs(plan: QuantPlan, bits: dict, target: QuantTarget) -> None:
+        """Raise when a row's bits are not a pair the hardware target runs (``Calibration.target``'s bit_pairs)."""
+        rows = {name: (plan.specs[name].kind, *pair) for name, pair in bits.items()}
+        violations = pair_violations(target, rows)
+        if violations:
+            raise ValueError(
+                f"BitAllocator: target {target.name!r} runs only the pairs {[list(p) for p in target.bit_pairs]} "
+                f"(activation-only rows: widths {sorted(target.activation_widths())}), but {violations[0]}"
+                f"{f' and {len(violations) - 1} more rows' if len(violations) > 1 else ''} would get another; change "
+                "the policy's candidates or bits, first_last_bits or the overrides"
+            )
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not quantizes_in_stage(trainer, stage):
@@ -90,6 +110,13 @@ class BitAllocator(Callback):
         # now, so that a typo fails in seconds rather than after calibration and probing.
         plan = require_plan(pl_module, "BitAllocator")
         pin_layers(plan, self.first_last_bits, self.overrides)  # the same pins on_validation_start applies
+        target = self._target(trainer)
+        if hasattr(self.policy, "hardware_target"):
+            self.policy.hardware_target = target
+        pinned = {name: plan.bits()[name] for name in plan if plan[name].pinned}
+        if isinstance(self.policy, Uniform):  # known before any probe: fail now, not after calibration
+            pinned = {**self.policy.allocate(plan), **pinned}
+        self._check_pairs(plan, pinned, target)
         self.policy.check_plan(plan, energy_model_of(trainer))
         self._done = False  # each validation run allocates with the policy set now
 
@@ -107,6 +134,7 @@ class BitAllocator(Callback):
             decision = {name: bits for name, bits in decision.items() if not plan[name].pinned}
         # Decide on rank 0 and broadcast, so every rank applies the same allocation.
         decision = trainer.strategy.broadcast(decision, src=0)
+        self._check_pairs(plan, {**plan.bits(), **decision}, self._target(trainer))
         plan.set_bits(decision)
         apply_plan(pl_module.model, plan)
         self._done = True

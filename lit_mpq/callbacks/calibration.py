@@ -12,6 +12,7 @@ off until an allocation is applied.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -82,8 +83,10 @@ class Calibration(Callback):
         target: The hardware target (:mod:`lit_mpq.quant.targets`): ``lenient`` (the inputs of convolutions,
             Linear layers and attention matmuls quantized; the default), ``integer_only`` (every activation tensor
             quantized: the operands of every residual add and the network output too, BatchNorm folded, weights
-            symmetric, activations asymmetric) or ``integer_only_pow2`` (the same with power-of-two scales).
-            Recorded in the card.
+            symmetric, activations asymmetric) or ``integer_only_pow2`` (the same with power-of-two scales);
+            or a mapping of :class:`~lit_mpq.quant.targets.QuantTarget`'s fields for a custom one, e.g.
+            ``{name: my_npu, quantized_tensors: all, fold_batchnorm: true, bit_pairs: [[8, 8], [4, 8]]}`` (the
+            allocation then only uses those W/A pairs). Recorded in the card.
 
     Raises:
         ValueError: On an unknown observer or granularity, or a non-positive ``num_samples``.
@@ -106,7 +109,7 @@ class Calibration(Callback):
         act_observer_overrides: dict[str, str] | None = None,
         ptf_max_shift: int = 3,
         fold_batchnorm: bool | None = None,
-        target: str = "lenient",
+        target: str | dict[str, Any] = "lenient",
     ) -> None:
         if num_samples is not None and num_samples <= 0:
             raise ValueError(f"Calibration.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -127,12 +130,14 @@ class Calibration(Callback):
             ptf_max_shift=ptf_max_shift,
             target=target,
         )
-        target_folds = self.settings.quant_target.fold_batchnorm
+        quant_target = self.settings.quant_target
+        target_folds = quant_target.fold_batchnorm
         if target_folds is not None:
             if fold_batchnorm is not None and fold_batchnorm != target_folds:
                 raise ValueError(
-                    f"Calibration: target {target!r} {'folds' if target_folds else 'never folds'} BatchNorm, but "
-                    f"fold_batchnorm is {fold_batchnorm}; leave fold_batchnorm null or choose another target"
+                    f"Calibration: target {quant_target.name!r} {'folds' if target_folds else 'never folds'} "
+                    f"BatchNorm, but fold_batchnorm is {fold_batchnorm}; leave fold_batchnorm null or choose another "
+                    "target"
                 )
             fold_batchnorm = target_folds
         self.fold_batchnorm = fold_batchnorm

@@ -103,7 +103,7 @@ class QuantSettings:
     post_layernorm: str = "per_tensor"
     act_observer_overrides: tuple[tuple[str, str], ...] = ()
     ptf_max_shift: int = 3
-    target: str = "lenient"
+    target: str | dict = "lenient"
 
     def __post_init__(self) -> None:
         target = resolve_target(self.target)  # validates the name
@@ -122,7 +122,7 @@ class QuantSettings:
             ] + [f"act_observer_overrides {p!r}: {o!r}" for p, o in self.act_observer_overrides if o not in OBSERVERS]
             if special:
                 raise ValueError(
-                    f"target {self.target!r} needs uniform quantizers with one scale per tensor or channel, but "
+                    f"target {target.name!r} needs uniform quantizers with one scale per tensor or channel, but "
                     f"{'; '.join(special)} give other levels: set softmax_quantizer 'uniform', post_layernorm "
                     "'per_tensor' and plain observers, or choose the 'integer_only' target"
                 )

@@ -34,7 +34,15 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["QUANTIZED_TENSORS", "SCALES", "TARGETS", "QuantTarget", "resolve_target"]
+__all__ = [
+    "QUANTIZED_TENSORS",
+    "SCALES",
+    "TARGETS",
+    "QuantTarget",
+    "pair_allowed",
+    "pair_violations",
+    "resolve_target",
+]
 
 QUANTIZED_TENSORS = ("layer_inputs", "all")
 """``layer_inputs``: the inputs of convolutions, Linear layers and attention matmuls; ``all``: every activation."""
@@ -60,7 +68,9 @@ class QuantTarget:
         activations: The same for activations, or None to keep ``QuantSettings.act_symmetric``.
         output_bits: Width of the network output's quantizer (a pinned row: the logits are a few elements per
             image, and an accelerator hands them out at its widest activation width).
-        bit_pairs: The ``(w_bits, a_bits)`` pairs a layer may run at, or None for any pair of the candidates.
+        bit_pairs: The ``(w_bits, a_bits)`` pairs a layer with weights may run at (an NPU's kernels: e.g. W8A8,
+            W4A8, W4A4), or None for any pair. A row whose operands are all activations (an attention matmul, an
+            add, the output) may use any activation width of these pairs for each operand.
     """
 
     name: str
@@ -106,6 +116,10 @@ class QuantTarget:
     def power_of_two(self) -> bool:
         """Whether every scale is a power of two."""
         return self.scale == "power_of_two"
+
+    def activation_widths(self) -> set[int] | None:
+        """The activation widths of :attr:`bit_pairs` (None when any pair is allowed)."""
+        return None if self.bit_pairs is None else {a for _, a in self.bit_pairs}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the quantization card and the run record."""
@@ -153,3 +167,28 @@ def resolve_target(target: str | QuantTarget | Mapping[str, Any]) -> QuantTarget
             data["bit_pairs"] = tuple(tuple(pair) for pair in data["bit_pairs"])
         return QuantTarget(**{"name": "custom", **data})
     raise ValueError(f"a quantization target is a name or a mapping of its fields, got {type(target).__name__}")
+
+
+def pair_allowed(target: QuantTarget, kind: str, w_bits: int | None, a_bits: int | None) -> bool:
+    """Whether a row of ``kind`` may run at ``(w_bits, a_bits)`` on ``target`` (see :attr:`QuantTarget.bit_pairs`).
+
+    Example:
+        >>> npu = QuantTarget("npu", bit_pairs=((8, 8), (4, 8)))
+        >>> pair_allowed(npu, "conv2d", 4, 8), pair_allowed(npu, "conv2d", 4, 4), pair_allowed(npu, "add", 8, 8)
+        (True, False, True)
+    """
+    if target.bit_pairs is None:
+        return True
+    if kind in ("matmul", "add", "output"):
+        widths = target.activation_widths()
+        return all(bits in widths for bits in (w_bits, a_bits) if bits is not None or kind != "output")
+    return (w_bits, a_bits) in target.bit_pairs
+
+
+def pair_violations(target: QuantTarget, rows: Mapping[str, tuple[str, int | None, int | None]]) -> list[str]:
+    """``"name (W<w>A<a>)"`` for every row ``{name: (kind, w_bits, a_bits)}`` the target does not allow."""
+    return [
+        f"{name} ({kind} at W{w_bits}A{a_bits})"
+        for name, (kind, w_bits, a_bits) in rows.items()
+        if not pair_allowed(target, kind, w_bits, a_bits)
+    ]

@@ -136,6 +136,7 @@ def test_the_check_finds_the_float_adds_and_output_of_the_lenient_target():
     assert not any(v.startswith("conv2d") or v.startswith("linear") for v in violations)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [True, False])
 def test_integer_only_deit_tiny_feeds_no_float_activation_to_any_consumer(fused):
     torch.manual_seed(0)

@@ -92,7 +92,9 @@ def budgets(target: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def lit_mpq_row(target: str, row: str, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+def lit_mpq_row(
+    target: str, row: str, spec: dict[str, Any], out: Path, calibration: dict[str, Any], rounding: str = "nearest"
+) -> dict[str, Any]:
     """One ``python cli.py validate`` run of the row; its top-1, bits, time and budget as lit_mpq counts it."""
     from lit_mpq.cli import main as cli_main
 
@@ -100,6 +102,7 @@ def lit_mpq_row(target: str, row: str, spec: dict[str, Any], out: Path) -> dict[
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("Calibration"):
             callback.setdefault("init_args", {})["target"] = target
+            callback["init_args"].update(calibration)
         if callback["class_path"].endswith("BitAllocator"):
             class_path, init_args = spec["policy"]
             callback["init_args"] = {"policy": {"class_path": class_path, "init_args": init_args}}
@@ -107,6 +110,16 @@ def lit_mpq_row(target: str, row: str, spec: dict[str, Any], out: Path) -> dict[
             callback.setdefault("init_args", {})["cache_dir"] = None
         if callback["class_path"].endswith("Report"):
             callback.setdefault("init_args", {})["save_figures"] = False
+    if rounding != "nearest":  # data-driven rounding after the allocation; it corrects each output's error itself
+        callbacks = config["trainer"]["callbacks"]
+        at = next(i for i, cb in enumerate(callbacks) if cb["class_path"].endswith("BitAllocator")) + 1
+        callbacks.insert(
+            at,
+            {"class_path": "lit_mpq.callbacks.WeightRounding", "init_args": {"method": rounding, "refine_passes": 4}},
+        )
+        for callback in callbacks:
+            if callback["class_path"].endswith("Calibration"):
+                callback["init_args"]["bias_correction"] = False
     config["trainer"]["logger"] = False
     config["trainer"]["enable_progress_bar"] = False
     run = fresh_run_dir(out)
@@ -117,13 +130,16 @@ def lit_mpq_row(target: str, row: str, spec: dict[str, Any], out: Path) -> dict[
     wall = time.perf_counter() - start
     results = json.loads(next(run.rglob("results.json")).read_text())
     metrics = results["metrics"]
-    seconds = sum(metrics.get(key, 0.0) for key in ("time/calibration_s", "time/probe_s", "time/allocation_s"))
+    seconds = sum(
+        metrics.get(key, 0.0) for key in ("time/calibration_s", "time/probe_s", "time/allocation_s", "time/rounding_s")
+    )
     counted = spec["budget"]
     if counted is not None:
         used = metrics["size/weights_mb"] if counted["unit"].startswith("MB") else metrics["bits/bit_ops_g"]
         counted = {**counted, "used": used}
     return {
         "tool": "lit_mpq",
+        "version": f"({rounding})",
         "tpc": target,
         "budget": row,
         "budget_as_counted": counted,
@@ -165,13 +181,17 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["integer_only", "integer_only_pow2"])
     parser.add_argument("--peers", nargs="*", default=["mct", "aimet"], choices=sorted(PEERS))
     parser.add_argument("--peer-results", type=Path, nargs="*", default=[])
+    parser.add_argument("--weight-observer", default="minmax", choices=["minmax", "mse"])
+    parser.add_argument("--rounding", nargs="+", default=["nearest", "gpfq"], choices=["nearest", "gptq", "gpfq"])
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/peers_integer_only"))
     args = parser.parse_args()
     results: list[dict[str, Any]] = []
     for target in args.targets:
         specs = budgets(target)
         for row in args.rows:
-            results.append(lit_mpq_row(target, row, specs[row], args.out))
+            for rounding in args.rounding:
+                calibration = {"weight_observer": args.weight_observer}
+                results.append(lit_mpq_row(target, row, specs[row], args.out, calibration, rounding))
     for name in args.peers:
         extra_runs = [[]] if name != "mct" else [[], ["--tpc", "pow2"]]
         for extra in extra_runs:
@@ -186,7 +206,8 @@ def main() -> None:
         for result in (r for r in results if r.get("budget") == row):
             print(
                 f"| {row} | {result['tool']} {result.get('version', '')} | {result.get('tpc', '')} "
-                f"| {counted_text(result.get('budget_as_counted'))} | {float(result['top1']):.1f} "
+                f"| {counted_text(result.get('budget_as_counted'))}"
+                f"{' **over budget**' if result.get('within_budget') is False else ''} | {float(result['top1']):.1f} "
                 f"| {float(result.get('seconds', 0.0)):.1f} | {result.get('evaluations', '–')} |"
             )
     print(f"\nall rows: {args.out / 'results.jsonl'}")

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from lit_mpq.plan import LayerSpec, QuantPlan
 from lit_mpq.quant.attention import (
-    QuantMatmul,
     is_quant_attention,
     is_quant_matmul,
     is_supported_attention,
@@ -440,11 +439,12 @@ def apply_post_layernorm(model: nn.Module, example_input: Tensor, ranges: str = 
     return names
 
 
-def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin | QuantMatmul]:
-    """``{fqn: layer}`` for every row of the plan: fake-quantized layers and attention matmuls, in model order.
+def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin | QuantOperation]:
+    """``{fqn: layer}`` for every row of the plan, in model order: quantized layers and operations on activations.
 
-    Both kinds answer ``quantizer("w")`` / ``quantizer("a")`` and have an ``input_quantizer``; only layers have a
-    ``weight`` (:func:`is_quant_matmul` tells them apart).
+    The operations are the attention matmuls and, under an integer-only target, the residual adds and the output. All
+    answer ``quantizer("w")`` / ``quantizer("a")`` and have an ``input_quantizer``; only layers have a ``weight``
+    (:func:`~lit_mpq.quant.operations.is_quant_operation` tells them apart; the output's ``quantizer("w")`` is None).
     """
     return {
         name: module for name, module in model.named_modules() if is_quant_layer(module) or is_quant_operation(module)

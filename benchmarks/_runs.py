@@ -47,6 +47,30 @@ def fresh_run_dir(out: Path) -> Path:
     return out / f"run_{k}"
 
 
+def envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The frontier through ``points`` (energy, top-1): the best top-1 at that energy or less, in energy order."""
+    ordered = sorted(points)
+    return [(energy, max(top for e, top in ordered if e <= energy)) for energy, _ in ordered]
+
+
+def write_quiet_config(config: dict, out: Path, label: str) -> tuple[Path, Path]:
+    """A copy of ``config`` with no logger, bar or figures, written beside a fresh run folder under ``out``.
+
+    Returns:
+        The run folder and the config file (``<run>_<label>.yaml``).
+    """
+    config = yaml.safe_load(yaml.safe_dump(config))
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("Report"):
+            callback.setdefault("init_args", {})["save_figures"] = False
+    config["trainer"]["logger"] = False
+    config["trainer"]["enable_progress_bar"] = False
+    run = fresh_run_dir(out)
+    path = run.parent / f"{run.name}_{label}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run, path
+
+
 def quiet_sweep(config: dict, out: Path, label: str, sweep_args: Sequence[str]) -> tuple[Path, float]:
     """Run ``python cli.py sweep`` on an edited config dict with no logger, bar or figures, in a fresh folder.
 
@@ -58,15 +82,7 @@ def quiet_sweep(config: dict, out: Path, label: str, sweep_args: Sequence[str]) 
     """
     from lit_mpq.cli import main as cli_main  # the CLI imports the whole package: only when a sweep runs
 
-    config = yaml.safe_load(yaml.safe_dump(config))
-    for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("Report"):
-            callback.setdefault("init_args", {})["save_figures"] = False
-    config["trainer"]["logger"] = False
-    config["trainer"]["enable_progress_bar"] = False
-    run = fresh_run_dir(out)
-    path = run.parent / f"{run.name}_{label}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    run, path = write_quiet_config(config, out, label)
     start = time.perf_counter()
     cli_main(
         [

@@ -33,7 +33,7 @@ from typing import Any
 
 import matplotlib
 import yaml
-from _runs import quiet_sweep
+from _runs import envelope, quiet_sweep
 
 from lit_mpq.energy import EnergyModel, HorowitzEnergyModel, MemoryHierarchyEnergyModel, hierarchy_report
 from lit_mpq.energy.accounting import plan_energy, uniform_energy
@@ -126,12 +126,6 @@ def price(row: dict[str, Any], models: dict[str, EnergyModel], int8: dict[str, f
     for key, model in models.items():
         energy = plan_energy(row["plan"], model).total_pj / PJ_PER_UJ
         row[f"{key}_uj"], row[f"{key}_rel"] = energy, energy / int8[key]
-
-
-def envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The frontier through ``points`` (energy, top-1): the best top-1 at that energy or less, in energy order."""
-    ordered = sorted(points)
-    return [(energy, max(top for e, top in ordered if e <= energy)) for energy, _ in ordered]
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import yaml
-from _runs import fresh_run_dir
+from _runs import write_quiet_config
 
 from lit_mpq.models import create_backbone
 from lit_mpq.quant.apply import QuantSettings, measure_model, quantize_model
@@ -108,8 +108,6 @@ def lit_mpq_row(
             callback["init_args"] = {"policy": {"class_path": class_path, "init_args": init_args}}
         if callback["class_path"].endswith("SensitivityProbe"):  # every row pays for its own probe
             callback.setdefault("init_args", {})["cache_dir"] = None
-        if callback["class_path"].endswith("Report"):
-            callback.setdefault("init_args", {})["save_figures"] = False
     if rounding != "nearest":  # data-driven rounding after the allocation; it corrects each output's error itself
         callbacks = config["trainer"]["callbacks"]
         at = next(i for i, cb in enumerate(callbacks) if cb["class_path"].endswith("BitAllocator")) + 1
@@ -120,11 +118,7 @@ def lit_mpq_row(
         for callback in callbacks:
             if callback["class_path"].endswith("Calibration"):
                 callback["init_args"]["bias_correction"] = False
-    config["trainer"]["logger"] = False
-    config["trainer"]["enable_progress_bar"] = False
-    run = fresh_run_dir(out)
-    path = run.parent / f"{run.name}_{target}_{row}.yaml"
-    path.write_text(yaml.safe_dump(config))
+    run, path = write_quiet_config(config, out, f"{target}_{row}")
     start = time.perf_counter()
     cli_main(["validate", "--config", str(path), f"--trainer.default_root_dir={run}"])
     wall = time.perf_counter() - start

@@ -26,7 +26,7 @@ from typing import Any
 
 import matplotlib
 import yaml
-from _runs import quiet_sweep
+from _runs import envelope, quiet_sweep
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,12 +55,6 @@ def read_points(run: Path) -> list[dict[str, Any]]:
         row["budget"] = 1.0 if row["kind"] == "config" else ratio
         row["top1"], row["energy"] = float(row["top1"]), float(row["energy_uj"])
     return rows
-
-
-def envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The frontier through ``points`` (energy, top-1): the best top-1 at that energy or less, in energy order."""
-    ordered = sorted(points)
-    return [(energy, max(top for e, top in ordered if e <= energy)) for energy, _ in ordered]
 
 
 def draw(figure: Path, sweeps: dict[str, list[dict[str, Any]]], fp32: float) -> None:

@@ -182,7 +182,7 @@ class ExactAllocation(Policy):
         for i, name in enumerate(names):
             kind = plan.specs[name].kind
             for k, (w_bits, a_bits) in enumerate(self.options):
-                mask[i, k] = not pair_allowed(target, kind, None if kind == "output" else w_bits, a_bits)
+                mask[i, k] = not pair_allowed(target, kind, w_bits, a_bits)
         blocked = [names[i] for i in np.flatnonzero(mask.all(axis=1))]
         if blocked:
             raise ValueError(

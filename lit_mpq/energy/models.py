@@ -298,7 +298,8 @@ class PerMacEnergyModel(EnergyModel):
         Raises:
             ValueError: If a bit width is not ``None`` or an integer from 1 to 32.
         """
-        _check_bits(w_bits, "w_bits"), _check_bits(a_bits, "a_bits")
+        _check_bits(w_bits, "w_bits")
+        _check_bits(a_bits, "a_bits")
         # Rows without MACs (adds, the output) need no MAC price: a table of measured MACs may not list their pair.
         mac_pj = self.mac_pj(w_bits, a_bits) if spec.macs else 0.0
         add_pj = self.add_pj(w_bits, a_bits) if spec.additions else 0.0

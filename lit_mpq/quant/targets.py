@@ -179,9 +179,9 @@ def pair_allowed(target: QuantTarget, kind: str, w_bits: int | None, a_bits: int
     """
     if target.bit_pairs is None:
         return True
-    if kind in ("matmul", "add", "output"):
-        widths = target.activation_widths()
-        return all(bits in widths for bits in (w_bits, a_bits) if bits is not None or kind != "output")
+    if kind in ("matmul", "add", "output"):  # every operand an activation; the output has no right-hand one
+        operands = (a_bits,) if kind == "output" else (w_bits, a_bits)
+        return all(bits in target.activation_widths() for bits in operands)
     return (w_bits, a_bits) in target.bit_pairs
 
 

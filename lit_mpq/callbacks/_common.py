@@ -63,6 +63,27 @@ def is_quant_run(trainer: pl.Trainer) -> bool:
     return stage in QUANT_STAGES or (stage == "fit" and _PTQ_BEFORE_TRAINING.get())
 
 
+def trained_model_is_final(pl_module: pl.LightningModule, who: str) -> bool:
+    """Whether ``pl_module``'s quantized model was trained in this process (QAT, learned widths): then it is final.
+
+    A ``validate`` after such a ``fit`` must evaluate the trained model as it was saved: calibrating, allocating,
+    rounding or searching ranges again would change it (re-rounding trained weights with GPFQ gave chance accuracy).
+    The post-training callbacks (``who``: the caller's name) check this first; the first to skip says so once.
+    """
+    record = getattr(pl_module, "record", None)
+    if getattr(record, "training", None) is None:
+        return False
+    if not getattr(pl_module, "_final_model_notice_given", False):
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(
+            f"{who} and the other post-training steps are skipped: the model was trained under quantization in this "
+            "process and is evaluated as trained"
+        )
+        pl_module._final_model_notice_given = True
+    return True
+
+
 def run_dir(trainer: pl.Trainer) -> Path:
     """Directory for this run's files: the logger's version directory, else ``default_root_dir``.
 

@@ -20,7 +20,15 @@ from typing_extensions import override
 
 from lit_mpq.allocation import BitOverride, Policy, Uniform, pin_layers
 from lit_mpq.bits import validate_bits
-from lit_mpq.callbacks._common import is_quant_run, quantizes_in_stage, require_before, require_plan, run_dir, timer
+from lit_mpq.callbacks._common import (
+    is_quant_run,
+    quantizes_in_stage,
+    require_before,
+    require_plan,
+    run_dir,
+    timer,
+    trained_model_is_final,
+)
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.callbacks.energy import EnergyMeter
 from lit_mpq.callbacks.sensitivity import SensitivityProbe
@@ -122,7 +130,7 @@ class BitAllocator(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._done or not is_quant_run(trainer):
+        if self._done or not is_quant_run(trainer) or trained_model_is_final(pl_module, "BitAllocator"):
             return
         plan = require_plan(pl_module, "BitAllocator")
         start = timer()

@@ -34,6 +34,7 @@ from lit_mpq.callbacks._common import (
     require_before,
     require_plan,
     timer,
+    trained_model_is_final,
 )
 from lit_mpq.callbacks.allocation import BitAllocator
 from lit_mpq.callbacks.rounding import WeightRounding
@@ -101,7 +102,7 @@ class BlockRangeSearch(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not is_quant_run(trainer):
+        if not is_quant_run(trainer) or trained_model_is_final(pl_module, "BlockRangeSearch"):
             return
         require_plan(pl_module, "BlockRangeSearch")
         self._undo_last_search()  # each sweep point starts from the observers' ranges, not the previous point's choice

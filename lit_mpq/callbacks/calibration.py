@@ -30,6 +30,7 @@ from lit_mpq.callbacks._common import (
     require_plan,
     strategy_reduce,
     timer,
+    trained_model_is_final,
 )
 from lit_mpq.quant.apply import (
     QuantSettings,
@@ -185,7 +186,7 @@ class Calibration(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._calibrated or not is_quant_run(trainer):
+        if self._calibrated or not is_quant_run(trainer) or trained_model_is_final(pl_module, "Calibration"):
             return
         require_plan(pl_module, "Calibration")
         check_finite_parameters(pl_module.model)

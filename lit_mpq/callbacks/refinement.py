@@ -23,6 +23,7 @@ from lit_mpq.callbacks._common import (
     require_before,
     require_plan,
     timer,
+    trained_model_is_final,
 )
 from lit_mpq.callbacks.allocation import BitAllocator
 from lit_mpq.quant.ranking import refine_attention_ranges
@@ -72,7 +73,7 @@ class AttentionRefinement(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not is_quant_run(trainer):
+        if not is_quant_run(trainer) or trained_model_is_final(pl_module, "AttentionRefinement"):
             return
         plan = require_plan(pl_module, "AttentionRefinement")
         start = timer()

@@ -31,6 +31,7 @@ from lit_mpq.callbacks._common import (
     require_plan,
     strategy_reduce,
     timer,
+    trained_model_is_final,
 )
 from lit_mpq.callbacks.allocation import BitAllocator
 from lit_mpq.report.record import RoundingRecord
@@ -113,7 +114,7 @@ class WeightRounding(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._done or not is_quant_run(trainer):
+        if self._done or not is_quant_run(trainer) or trained_model_is_final(pl_module, "WeightRounding"):
             return
         require_plan(pl_module, "WeightRounding")
         start = timer()

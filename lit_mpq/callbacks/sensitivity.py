@@ -28,6 +28,7 @@ from lit_mpq.callbacks._common import (
     require_plan,
     run_dir,
     timer,
+    trained_model_is_final,
 )
 from lit_mpq.callbacks.calibration import Calibration
 from lit_mpq.plan import QuantPlan
@@ -133,7 +134,7 @@ class SensitivityProbe(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._done or not is_quant_run(trainer):
+        if self._done or not is_quant_run(trainer) or trained_model_is_final(pl_module, "SensitivityProbe"):
             return
         plan = require_plan(pl_module, "SensitivityProbe")
         start = timer()

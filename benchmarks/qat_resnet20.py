@@ -3,7 +3,7 @@
 Two lanes, on the 1,000 lossless CIFAR-10 test images (FP32 91.5 %), training on the 4,000 lossless training images
 (random crop + flip) on this machine's CPU::
 
-    python benchmarks/qat_resnet20.py [--epochs 3] [--lanes curve,learned] [--figure docs/figures/ptq_vs_qat.png]
+    python benchmarks/qat_resnet20.py [--epochs 3] [--lanes curve,learned,input] [--figure docs/figures/ptq_vs_qat.png]
 
 * ``curve``: uniform W16A16, W8A8 and W4A4 on every layer (stem and classifier too), each as lit_mpq's best PTQ
   (``configs/resnet20_qat.yaml`` without training: folded BatchNorm, MSE activation ranges, GPFQ rounding) and after
@@ -12,6 +12,11 @@ Two lanes, on the 1,000 lossless CIFAR-10 test images (FP32 91.5 %), training on
 * ``learned``: weight bit widths learned toward an average of ``--target-bits`` (activations at 4 bits, every width
   starting at 8; ``BitWidthLearning``), rounded to a plan; the exact allocator's plan at the average the rounded plan
   spends (Fisher probe); both plans evaluated as PTQ (GPFQ) and after the same QAT.
+* ``input``: where uniform W4A4 loses. The config's PTQ with the stem's input (the image) or the stem and the
+  classifier at 8 bits; the float model with only its input image quantized (the 4-bit grid the PTQ run calibrated);
+  that float model fine-tuned for ``--adapt-epochs`` to the 4-bit image (distillation from the float model on the
+  float images, mixup of the training images, BatchNorm statistics frozen; a plain PyTorch loop, not a lit_mpq
+  feature), alone and as the starting weights of the config's W4A4 PTQ.
 
 Every training run is ``python cli.py fit --config configs/resnet20_qat.yaml`` with the policy (and callbacks)
 swapped in-process; every PTQ row is the same config's ``validate``.
@@ -29,9 +34,13 @@ import torch
 from _runs import fresh_run_dir
 
 from lit_mpq.allocation import FromFile, Policy, Uniform
+from lit_mpq.allocation.pinning import BitOverride
 from lit_mpq.callbacks import BitAllocator, BitWidthLearning, QuantizationAwareTraining, SensitivityProbe
 from lit_mpq.cli import main as cli_main
+from lit_mpq.models import create_backbone
+from lit_mpq.models.factory import load_checkpoint
 from lit_mpq.plan import QuantPlan
+from lit_mpq.qat.distill import distillation_loss
 
 CONFIG = "configs/resnet20_qat.yaml"
 RECIPE = {"step_lr_scale": 0.05, "distill_weight": 1.0}
@@ -67,11 +76,19 @@ def _with_policy(cli, policy: Policy, training: object | None, probe: Sensitivit
         callbacks[qat] = training
 
 
-def ptq(out: Path, policy: Policy, extra: list[str] = ()) -> float:
-    """Top-1 of the config's post-training pipeline with ``policy`` (no training)."""
+def ptq(out: Path, policy: Policy, extra: list[str] = (), overrides: dict[str, BitOverride] | None = None) -> float:
+    """Top-1 of the config's post-training pipeline with ``policy`` (no training), ``overrides`` pinned."""
+    return _ptq_run(out, policy, extra, overrides)[1]
+
+
+def _ptq_run(
+    out: Path, policy: Policy, extra: list[str] = (), overrides: dict[str, BitOverride] | None = None
+) -> tuple[object, float]:
     cli = cli_main(_args(out, ["--model.init_args.fp32_reference=false", *extra]), run=False)
     _with_policy(cli, policy, None)
-    return cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]["val/top1"]
+    if overrides:
+        next(cb for cb in cli.trainer.callbacks if isinstance(cb, BitAllocator)).overrides = overrides
+    return cli, cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]["val/top1"]
 
 
 def train(out: Path, policy: Policy, epochs: int, training: object, probe: SensitivityProbe | None = None) -> dict:
@@ -162,6 +179,86 @@ def learned(args: argparse.Namespace, out: Path) -> list[dict]:
     return rows
 
 
+def _top1(model: torch.nn.Module, loader, transform) -> float:
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            correct += int((model(transform(images)).argmax(1) == labels).sum())
+            seen += len(labels)
+    return 100.0 * correct / seen
+
+
+def adapt_to_input_grid(cli, quantize_input, epochs: int, lr: float = 2e-3, mixup: float = 1.0) -> torch.nn.Module:
+    """The float backbone fine-tuned to see its input through ``quantize_input`` (plain PyTorch, BatchNorm frozen).
+
+    Distillation from the untouched float model, which sees the float images; each batch is mixed with a shuffled
+    copy of itself (mixup, Beta(``mixup``, ``mixup``)), so that 4,000 images give many distinct targets.
+    """
+    init = cli.model.hparams
+    teacher = load_checkpoint(create_backbone(init["backbone"]), init["checkpoint_path"]).eval()
+    student = load_checkpoint(create_backbone(init["backbone"]), init["checkpoint_path"])
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    loader = cli.datamodule.train_dataloader()
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
+    mixing = torch.distributions.Beta(mixup, mixup)
+    student.eval()  # BatchNorm statistics stay those of the pretrained model; only the weights adapt
+    for _ in range(epochs):
+        for images, _labels in loader:
+            share = mixing.sample((images.shape[0], 1, 1, 1))
+            images = share * images + (1 - share) * images[torch.randperm(images.shape[0])]
+            with torch.no_grad():
+                target = teacher(images)
+            loss = distillation_loss(student(quantize_input(images)), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return student
+
+
+def input_lane(args: argparse.Namespace, out: Path) -> list[dict]:
+    w4a4 = Uniform(w_bits=4, a_bits=4)
+    cli, top1 = _ptq_run(out, w4a4)
+    rows = [{"setting": "W4A4 PTQ, every layer (the config)", "top1": top1}]
+    stem = next(iter(cli.model.plan.specs))
+    head = list(cli.model.plan.specs)[-1]
+    stem_8 = {stem: BitOverride(w_bits=4, a_bits=8)}
+    rows.append({"setting": f"W4A4 PTQ, the image ({stem}'s input) at 8 bits", "top1": ptq(out, w4a4, (), stem_8)})
+    first_last = {stem: BitOverride(8, 8), head: BitOverride(8, 8)}
+    rows.append({"setting": f"W4A4 PTQ, {stem} and {head} at W8A8", "top1": ptq(out, w4a4, (), first_last)})
+    quantizer = dict(cli.model.model.named_modules())[stem].input_quantizer
+    scale, zero_point = (float(t) for t in quantizer.qparams(4))
+    low, high = (-8, 7) if quantizer.symmetric else (0, 15)
+
+    def quantize_input(images: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(images, scale, int(zero_point), low, high)
+
+    cli.datamodule.setup("fit")
+    float_model = load_checkpoint(create_backbone(cli.model.hparams["backbone"]), cli.model.hparams["checkpoint_path"])
+    val = cli.datamodule.val_dataloader()
+    rows.append({"setting": "float model", "top1": _top1(float_model, val, lambda x: x)})
+    rows.append(
+        {"setting": "float model, only its input image at 4 bits", "top1": _top1(float_model, val, quantize_input)}
+    )
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    adapted = adapt_to_input_grid(cli, quantize_input, args.adapt_epochs)
+    seconds = time.perf_counter() - start
+    rows.append(
+        {
+            "setting": f"float model adapted to the 4-bit image ({args.adapt_epochs} epochs, {seconds:.0f} s), "
+            "input at 4 bits",
+            "top1": _top1(adapted, val, quantize_input),
+        }
+    )
+    weights = fresh_run_dir(out) / "adapted_float.pt"
+    torch.save(adapted.state_dict(), weights)
+    top1 = ptq(out, w4a4, [f"--model.init_args.checkpoint_path={weights}"])
+    rows.append({"setting": "W4A4 PTQ, every layer, from the adapted float model", "top1": top1})
+    return rows
+
+
 def figure(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -191,6 +288,8 @@ def main() -> None:
     parser.add_argument("--lanes", default="curve,learned")
     parser.add_argument("--target-bits", type=float, default=4.0)
     parser.add_argument("--penalty-weight", type=float, default=5.0, help="BitWidthLearning.penalty_weight")
+    parser.add_argument("--adapt-epochs", type=int, default=20, help="input lane: epochs adapting to the 4-bit image")
+    parser.add_argument("--seed", type=int, default=0, help="input lane: seed of the adaptation")
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/qat_resnet20"))
     args = parser.parse_args()
@@ -215,6 +314,11 @@ def main() -> None:
         for r in rows:
             ptq_top1 = "—" if r["ptq"] is None else f"{r['ptq']:.2f}"
             print(f"| {r['plan']} | {r['avg_w']:.3f} | {ptq_top1} | {r['qat']:.2f} | {r['seconds']:.0f} |")
+    if "input" in lanes:
+        rows = input_lane(args, args.out)
+        print("\n| setting | top-1 % |\n|---|---|")
+        for r in rows:
+            print(f"| {r['setting']} | {r['top1']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Two lanes, on the 1,000 lossless CIFAR-10 test images (FP32 91.5 %), training on
   classifier at 8 bits; the float model with only its input image quantized (the 4-bit grid the PTQ run calibrated);
   that float model fine-tuned for ``--adapt-epochs`` to the 4-bit image (distillation from the float model on the
   float images, mixup of the training images, BatchNorm statistics frozen; a plain PyTorch loop, not a lit_mpq
-  feature), alone and as the starting weights of the config's W4A4 PTQ.
+  feature), alone and as the starting weights of the config's W4A4 PTQ (with each of ``--input-roundings``).
 
 Every training run is ``python cli.py fit --config configs/resnet20_qat.yaml`` with the policy (and callbacks)
 swapped in-process; every PTQ row is the same config's ``validate``.
@@ -25,6 +25,7 @@ swapped in-process; every PTQ row is the same config's ``validate``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import warnings
@@ -35,7 +36,13 @@ from _runs import fresh_run_dir
 
 from lit_mpq.allocation import FromFile, Policy, Uniform
 from lit_mpq.allocation.pinning import BitOverride
-from lit_mpq.callbacks import BitAllocator, BitWidthLearning, QuantizationAwareTraining, SensitivityProbe
+from lit_mpq.callbacks import (
+    BitAllocator,
+    BitWidthLearning,
+    QuantizationAwareTraining,
+    SensitivityProbe,
+    WeightRounding,
+)
 from lit_mpq.cli import main as cli_main
 from lit_mpq.models import create_backbone
 from lit_mpq.models.factory import load_checkpoint
@@ -76,18 +83,34 @@ def _with_policy(cli, policy: Policy, training: object | None, probe: Sensitivit
         callbacks[qat] = training
 
 
-def ptq(out: Path, policy: Policy, extra: list[str] = (), overrides: dict[str, BitOverride] | None = None) -> float:
-    """Top-1 of the config's post-training pipeline with ``policy`` (no training), ``overrides`` pinned."""
-    return _ptq_run(out, policy, extra, overrides)[1]
+def ptq(
+    out: Path,
+    policy: Policy,
+    extra: list[str] = (),
+    overrides: dict[str, BitOverride] | None = None,
+    rounding: str | None = None,
+) -> float:
+    """Top-1 of the config's post-training pipeline with ``policy`` (no training).
+
+    ``overrides`` are pinned in the allocator; ``rounding`` replaces the config's GPFQ when given.
+    """
+    return _ptq_run(out, policy, extra, overrides, rounding)[1]
 
 
 def _ptq_run(
-    out: Path, policy: Policy, extra: list[str] = (), overrides: dict[str, BitOverride] | None = None
+    out: Path,
+    policy: Policy,
+    extra: list[str] = (),
+    overrides: dict[str, BitOverride] | None = None,
+    rounding: str | None = None,
 ) -> tuple[object, float]:
     cli = cli_main(_args(out, ["--model.init_args.fp32_reference=false", *extra]), run=False)
     _with_policy(cli, policy, None)
     if overrides:
         next(cb for cb in cli.trainer.callbacks if isinstance(cb, BitAllocator)).overrides = overrides
+    if rounding is not None:
+        rounder = next(cb for cb in cli.trainer.callbacks if isinstance(cb, WeightRounding))
+        rounder.settings = dataclasses.replace(rounder.settings, method=rounding)
     return cli, cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]["val/top1"]
 
 
@@ -254,8 +277,11 @@ def input_lane(args: argparse.Namespace, out: Path) -> list[dict]:
     )
     weights = fresh_run_dir(out) / "adapted_float.pt"
     torch.save(adapted.state_dict(), weights)
-    top1 = ptq(out, w4a4, [f"--model.init_args.checkpoint_path={weights}"])
-    rows.append({"setting": "W4A4 PTQ, every layer, from the adapted float model", "top1": top1})
+    for rounding in args.input_roundings:
+        adapted_top1 = ptq(out, w4a4, [f"--model.init_args.checkpoint_path={weights}"], rounding=rounding)
+        pretrained_top1 = top1 if rounding == "gpfq" else ptq(out, w4a4, rounding=rounding)
+        for start, value in (("the pretrained model", pretrained_top1), ("the adapted float model", adapted_top1)):
+            rows.append({"setting": f"W4A4 PTQ, every layer, {rounding}, from {start}", "top1": value})
     return rows
 
 
@@ -290,6 +316,7 @@ def main() -> None:
     parser.add_argument("--penalty-weight", type=float, default=5.0, help="BitWidthLearning.penalty_weight")
     parser.add_argument("--adapt-epochs", type=int, default=20, help="input lane: epochs adapting to the 4-bit image")
     parser.add_argument("--seed", type=int, default=0, help="input lane: seed of the adaptation")
+    parser.add_argument("--input-roundings", nargs="+", default=["gpfq", "gptq", "nearest"], help="input lane")
     parser.add_argument("--figure", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/qat_resnet20"))
     args = parser.parse_args()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +36,16 @@ VIT_RECIPE_4BIT = dataclasses.replace(
 )
 """The calibration settings of ``configs/deit.yaml`` since 2026-12-03: twin-uniform grids for the post-GELU inputs,
 the softmax zero code at the mean of what it stands for, per-channel MSE ranges in the post-LayerNorm fold."""
+
+
+@torch.inference_mode()
+def top1(model: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """Top-1 accuracy in percent of ``model`` (any callable from images to logits) over ``(images, labels)``."""
+    correct = total = 0
+    for x, y in batches:
+        correct += int((model(x).argmax(-1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
 
 
 def fresh_run_dir(out: Path) -> Path:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import matplotlib
 import torch
-from _runs import cached_batches, evenly_spaced, fresh_run_dir, imagenet_data
+from _runs import cached_batches, evenly_spaced, fresh_run_dir, imagenet_data, top1
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -230,16 +230,6 @@ def set_uniform_bits(setup: Setup, plan: QuantPlan, w_bits: int, a_bits: int) ->
     """Every layer at ``(w_bits, a_bits)``; an attention matmul's two operands are activations: both at ``a_bits``."""
     plan.set_bits({name: (a_bits if spec.kind == "matmul" else w_bits, a_bits) for name, spec in plan.specs.items()})
     apply_plan(setup.model, plan)
-
-
-@torch.inference_mode()
-def top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
-    """Top-1 accuracy in percent."""
-    correct = total = 0
-    for x, y in batches:
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
 
 
 def evaluate_fp32(setup: Setup) -> float:

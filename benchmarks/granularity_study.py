@@ -40,7 +40,8 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from clipping_study import MODELS, Setup, calibrate, command_line, evaluate_fp32, prepare, top1
+from _runs import top1
+from clipping_study import MODELS, Setup, calibrate, command_line, evaluate_fp32, prepare
 from torch import nn
 
 from lit_mpq.plan import QuantPlan

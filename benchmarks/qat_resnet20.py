@@ -30,9 +30,10 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
-from _runs import fresh_run_dir
+from _runs import fresh_run_dir, top1
 
 from lit_mpq.allocation import FromFile, Policy, Uniform
 from lit_mpq.allocation.pinning import BitOverride
@@ -83,27 +84,17 @@ def _with_policy(cli, policy: Policy, training: object | None, probe: Sensitivit
         callbacks[qat] = training
 
 
-def ptq(
-    out: Path,
-    policy: Policy,
-    extra: list[str] = (),
-    overrides: dict[str, BitOverride] | None = None,
-    rounding: str | None = None,
-) -> float:
-    """Top-1 of the config's post-training pipeline with ``policy`` (no training).
-
-    ``overrides`` are pinned in the allocator; ``rounding`` replaces the config's GPFQ when given.
-    """
-    return _ptq_run(out, policy, extra, overrides, rounding)[1]
-
-
-def _ptq_run(
+def ptq_run(
     out: Path,
     policy: Policy,
     extra: list[str] = (),
     overrides: dict[str, BitOverride] | None = None,
     rounding: str | None = None,
 ) -> tuple[object, float]:
+    """The CLI object and top-1 of the config's post-training pipeline with ``policy`` (no training).
+
+    ``overrides`` are pinned in the allocator; ``rounding`` replaces the config's GPFQ when given.
+    """
     cli = cli_main(_args(out, ["--model.init_args.fp32_reference=false", *extra]), run=False)
     _with_policy(cli, policy, None)
     if overrides:
@@ -112,6 +103,11 @@ def _ptq_run(
         rounder = next(cb for cb in cli.trainer.callbacks if isinstance(cb, WeightRounding))
         rounder.settings = dataclasses.replace(rounder.settings, method=rounding)
     return cli, cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]["val/top1"]
+
+
+def ptq(out: Path, policy: Policy, *args: Any, **kwargs: Any) -> float:
+    """Top-1 of :func:`ptq_run` with the same arguments."""
+    return ptq_run(out, policy, *args, **kwargs)[1]
 
 
 def train(out: Path, policy: Policy, epochs: int, training: object, probe: SensitivityProbe | None = None) -> dict:
@@ -202,14 +198,10 @@ def learned(args: argparse.Namespace, out: Path) -> list[dict]:
     return rows
 
 
-def _top1(model: torch.nn.Module, loader, transform) -> float:
-    model.eval()
-    correct = seen = 0
-    with torch.no_grad():
-        for images, labels in loader:
-            correct += int((model(transform(images)).argmax(1) == labels).sum())
-            seen += len(labels)
-    return 100.0 * correct / seen
+def _pretrained_float_model(cli) -> torch.nn.Module:
+    """The run's backbone with its pretrained float weights, in eval mode (nothing quantized)."""
+    init = cli.model.hparams
+    return load_checkpoint(create_backbone(init["backbone"]), init["checkpoint_path"]).eval()
 
 
 def adapt_to_input_grid(cli, quantize_input, epochs: int, lr: float = 2e-3, mixup: float = 1.0) -> torch.nn.Module:
@@ -218,14 +210,12 @@ def adapt_to_input_grid(cli, quantize_input, epochs: int, lr: float = 2e-3, mixu
     Distillation from the untouched float model, which sees the float images; each batch is mixed with a shuffled
     copy of itself (mixup, Beta(``mixup``, ``mixup``)), so that 4,000 images give many distinct targets.
     """
-    init = cli.model.hparams
-    teacher = load_checkpoint(create_backbone(init["backbone"]), init["checkpoint_path"]).eval()
-    student = load_checkpoint(create_backbone(init["backbone"]), init["checkpoint_path"])
+    teacher = _pretrained_float_model(cli)
+    student = _pretrained_float_model(cli)  # and stays in eval mode: BatchNorm statistics are the pretrained ones
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     loader = cli.datamodule.train_dataloader()
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(loader))
     mixing = torch.distributions.Beta(mixup, mixup)
-    student.eval()  # BatchNorm statistics stay those of the pretrained model; only the weights adapt
     for _ in range(epochs):
         for images, _labels in loader:
             share = mixing.sample((images.shape[0], 1, 1, 1))
@@ -242,8 +232,8 @@ def adapt_to_input_grid(cli, quantize_input, epochs: int, lr: float = 2e-3, mixu
 
 def input_lane(args: argparse.Namespace, out: Path) -> list[dict]:
     w4a4 = Uniform(w_bits=4, a_bits=4)
-    cli, top1 = _ptq_run(out, w4a4)
-    rows = [{"setting": "W4A4 PTQ, every layer (the config)", "top1": top1}]
+    cli, config_top1 = ptq_run(out, w4a4)
+    rows = [{"setting": "W4A4 PTQ, every layer (the config)", "top1": config_top1}]
     stem = next(iter(cli.model.plan.specs))
     head = list(cli.model.plan.specs)[-1]
     stem_8 = {stem: BitOverride(w_bits=4, a_bits=8)}
@@ -258,12 +248,11 @@ def input_lane(args: argparse.Namespace, out: Path) -> list[dict]:
         return torch.fake_quantize_per_tensor_affine(images, scale, int(zero_point), low, high)
 
     cli.datamodule.setup("fit")
-    float_model = load_checkpoint(create_backbone(cli.model.hparams["backbone"]), cli.model.hparams["checkpoint_path"])
+    float_model = _pretrained_float_model(cli)
     val = cli.datamodule.val_dataloader()
-    rows.append({"setting": "float model", "top1": _top1(float_model, val, lambda x: x)})
-    rows.append(
-        {"setting": "float model, only its input image at 4 bits", "top1": _top1(float_model, val, quantize_input)}
-    )
+    rows.append({"setting": "float model", "top1": top1(float_model, val)})
+    only_input = top1(lambda x: float_model(quantize_input(x)), val)
+    rows.append({"setting": "float model, only its input image at 4 bits", "top1": only_input})
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     adapted = adapt_to_input_grid(cli, quantize_input, args.adapt_epochs)
@@ -272,14 +261,14 @@ def input_lane(args: argparse.Namespace, out: Path) -> list[dict]:
         {
             "setting": f"float model adapted to the 4-bit image ({args.adapt_epochs} epochs, {seconds:.0f} s), "
             "input at 4 bits",
-            "top1": _top1(adapted, val, quantize_input),
+            "top1": top1(lambda x: adapted(quantize_input(x)), val),
         }
     )
     weights = fresh_run_dir(out) / "adapted_float.pt"
     torch.save(adapted.state_dict(), weights)
     for rounding in args.input_roundings:
         adapted_top1 = ptq(out, w4a4, [f"--model.init_args.checkpoint_path={weights}"], rounding=rounding)
-        pretrained_top1 = top1 if rounding == "gpfq" else ptq(out, w4a4, rounding=rounding)
+        pretrained_top1 = config_top1 if rounding == "gpfq" else ptq(out, w4a4, rounding=rounding)
         for start, value in (("the pretrained model", pretrained_top1), ("the adapted float model", adapted_top1)):
             rows.append({"setting": f"W4A4 PTQ, every layer, {rounding}, from {start}", "top1": value})
     return rows

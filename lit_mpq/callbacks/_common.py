@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
@@ -74,8 +75,6 @@ def trained_model_is_final(pl_module: pl.LightningModule, who: str) -> bool:
     if getattr(record, "training", None) is None:
         return False
     if not getattr(pl_module, "_final_model_notice_given", False):
-        from lightning.pytorch.utilities import rank_zero_info
-
         rank_zero_info(
             f"{who} and the other post-training steps are skipped: the model was trained under quantization in this "
             "process and is evaluated as trained"

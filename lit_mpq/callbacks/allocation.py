@@ -121,7 +121,8 @@ class BitAllocator(Callback):
         target = self._target(trainer)
         if hasattr(self.policy, "hardware_target"):
             self.policy.hardware_target = target
-        pinned = {name: plan.bits()[name] for name in plan if plan[name].pinned}
+        bits = plan.bits()
+        pinned = {name: bits[name] for name in plan if plan[name].pinned}
         if isinstance(self.policy, Uniform):  # known before any probe: fail now, not after calibration
             pinned = {**self.policy.allocate(plan), **pinned}
         self._check_pairs(plan, pinned, target)

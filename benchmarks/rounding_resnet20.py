@@ -12,7 +12,7 @@ every layer's pass over the 512 calibration images::
 
     bash benchmarks/peers/setup_brevitas.sh   # once
     python benchmarks/rounding_resnet20.py [--settings w4a8 w4a4 w4a4_all w3a8] [--methods nearest bias_corr gptq gpfq]
-        [--gpfq-refine-passes N] [--gpfq-scale-fit N] [--no-peer]
+        [--gpfq-refine-passes N] [--gpfq-scale-fit N] [--equalization N] [--no-peer]
 
 The two runs alternate per setting (lit_mpq's rows, then Brevitas'), so both see the same load on this shared
 machine. Run from the repository root.
@@ -47,8 +47,19 @@ SETTINGS = {"w4a8": (4, 8, 8), "w4a4": (4, 4, 8), "w4a4_all": (4, 4, None), "w3a
 METHODS = ("nearest", "bias_corr", "gptq", "gpfq")
 
 
-def lit_mpq_row(setting: str, method: str, out: Path, gpfq_refine_passes: int = 0, gpfq_scale_fit: int = 0) -> dict:
-    """One lit_mpq ``validate``: top-1 and the rounding time (``gpfq_*``: GPFQ's refinement passes and scale fits)."""
+def lit_mpq_row(
+    setting: str,
+    method: str,
+    out: Path,
+    gpfq_refine_passes: int = 0,
+    gpfq_scale_fit: int = 0,
+    equalization: int = 0,
+) -> dict:
+    """One lit_mpq ``validate``: top-1 and the rounding time.
+
+    ``gpfq_*``: GPFQ's refinement passes and scale fits; ``equalization``: iterations of cross-layer equalization
+    (BatchNorm then folded; 0: off, BatchNorm left as the config has it).
+    """
     w_bits, a_bits, first_last = SETTINGS[setting]
     cli = cli_main(quiet_run_args(CONFIG, out), run=False)
     callbacks = cli.trainer.callbacks
@@ -66,6 +77,8 @@ def lit_mpq_row(setting: str, method: str, out: Path, gpfq_refine_passes: int = 
             )
         if isinstance(callback, Calibration):
             callback.settings = dataclasses.replace(callback.settings, bias_correction=method == "bias_corr")
+            if equalization:
+                callback.fold_batchnorm, callback.cross_layer_equalization = True, equalization
     callbacks[:] = [callback for callback in callbacks if not isinstance(callback, SensitivityProbe)]
     start = time.perf_counter()
     metrics = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)[0]
@@ -135,13 +148,21 @@ def main() -> None:
         default=0,
         help="least-squares scale refits after lit_mpq's GPFQ (WeightRounding.scale_fit); GPTQ runs without",
     )
+    parser.add_argument(
+        "--equalization",
+        type=int,
+        default=0,
+        help="iterations of cross-layer equalization before lit_mpq's rows (Calibration.cross_layer_equalization)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="lit_mpq's rows only (no Brevitas run)")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/rounding_resnet20"))
     args = parser.parse_args()
     table = []
     for setting in args.settings:
         ours = {
-            method: lit_mpq_row(setting, method, args.out, args.gpfq_refine_passes, args.gpfq_scale_fit)
+            method: lit_mpq_row(
+                setting, method, args.out, args.gpfq_refine_passes, args.gpfq_scale_fit, args.equalization
+            )
             for method in args.methods
         }
         theirs = {} if args.no_peer else peer_rows(setting, list(args.methods))

@@ -42,6 +42,7 @@ from lit_mpq.quant.apply import (
 )
 from lit_mpq.quant.batchnorm import BatchNormFoldError, fold_batchnorm
 from lit_mpq.quant.checks import check_calibrated, check_finite_parameters
+from lit_mpq.quant.equalization import equalize_cross_layer
 from lit_mpq.quant.observers import sync_observers
 from lit_mpq.report.record import CalibrationRecord
 from lit_mpq.sensitivity.cache import image_digest, stack_digests, unstack_digests
@@ -81,6 +82,10 @@ class Calibration(Callback):
             deployment does (:mod:`lit_mpq.quant.batchnorm`; the card's ``bn_folded``). Default (null): fold when the
             run exports a model (an :class:`~lit_mpq.callbacks.Export` callback is in the trainer), otherwise not.
             A target that folds (``integer_only``) folds whatever this says, and refuses ``false``.
+        cross_layer_equalization: Iterations of cross-layer equalization (Nagel et al., ICCV 2019;
+            :mod:`lit_mpq.quant.equalization`) after BatchNorm folding: each pair of layers joined by ReLUs only gets
+            equal per-channel weight ranges, the float function unchanged. 0 (default): off; 20 is Brevitas' choice.
+            Folds BatchNorm (refuses ``fold_batchnorm: false``); the card records the iterations and the pairs.
         target: The hardware target (:mod:`lit_mpq.quant.targets`): ``lenient`` (the inputs of convolutions,
             Linear layers and attention matmuls quantized; the default), ``integer_only`` (every activation tensor
             quantized: the operands of every residual add and the network output too, BatchNorm folded, weights
@@ -110,6 +115,7 @@ class Calibration(Callback):
         act_observer_overrides: dict[str, str] | None = None,
         ptf_max_shift: int = 3,
         fold_batchnorm: bool | None = None,
+        cross_layer_equalization: int = 0,
         target: str | dict[str, Any] = "lenient",
     ) -> None:
         if num_samples is not None and num_samples <= 0:
@@ -141,6 +147,19 @@ class Calibration(Callback):
                     "target"
                 )
             fold_batchnorm = target_folds
+        if isinstance(cross_layer_equalization, bool) or cross_layer_equalization < 0:
+            raise ValueError(
+                "Calibration.cross_layer_equalization is a number of iterations (0: off; 20 is usual), got "
+                f"{cross_layer_equalization!r}"
+            )
+        if cross_layer_equalization and fold_batchnorm is False:
+            raise ValueError(
+                "Calibration: cross_layer_equalization needs BatchNorm folded first (an inference BatchNorm does not "
+                "commute with the channel scales); drop fold_batchnorm: false or set cross_layer_equalization: 0"
+            )
+        self.cross_layer_equalization = cross_layer_equalization
+        self.equalized_pairs: list[tuple[str, str]] = []
+        """The ``(first, second)`` layer pairs equalized in ``setup``."""
         self.fold_batchnorm = fold_batchnorm
         self.folded_batchnorms: list[tuple[str, str]] = []
         """The ``(layer, batchnorm)`` pairs folded in ``setup``."""
@@ -163,6 +182,7 @@ class Calibration(Callback):
         device = next(pl_module.parameters()).device
         example = torch.zeros(1, *size, device=device)
         self._fold(trainer, pl_module, example)
+        self._equalize(pl_module, example)
         quantize_model(pl_module.model, self.settings)
         pl_module.plan = measure_model(pl_module.model, example)
         if self.settings.post_layernorm in ("reparam", "reparam_mse"):
@@ -174,15 +194,29 @@ class Calibration(Callback):
 
         wanted = self.fold_batchnorm
         if wanted is None:
-            wanted = any(isinstance(callback, Export) for callback in getattr(trainer, "callbacks", ()))
+            wanted = bool(self.cross_layer_equalization) or any(
+                isinstance(callback, Export) for callback in getattr(trainer, "callbacks", ())
+            )
         if not wanted:
             return
         try:
             self.folded_batchnorms = fold_batchnorm(pl_module.model, example)
         except BatchNormFoldError as exc:
-            if self.fold_batchnorm:  # asked for by name: the run must not go on with something else
+            if self.fold_batchnorm or self.cross_layer_equalization:  # asked for: the run must not go on without it
                 raise
             rank_zero_warn(f"BatchNorm not folded for the export: {exc}")
+
+    def _equalize(self, pl_module: pl.LightningModule, example: torch.Tensor) -> None:
+        if not self.cross_layer_equalization:
+            return
+        # A random example: the pair check needs activations on both sides of every ReLU.
+        probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
+        self.equalized_pairs = equalize_cross_layer(pl_module.model, probe, self.cross_layer_equalization)
+        if not self.equalized_pairs:
+            rank_zero_warn(
+                "Calibration: cross_layer_equalization found no pair of layers joined only by ReLUs (e.g. a ViT's "
+                "GELU or a ResNet's residual adds in between); the model is unchanged"
+            )
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,7 +248,15 @@ class Calibration(Callback):
             images=total,
             images_per_rank=per_rank,
             seconds=timer() - start,
-            settings=dataclasses.asdict(self.settings) | {"bn_folded": bool(self.folded_batchnorms)},
+            settings=dataclasses.asdict(self.settings)
+            | {
+                "bn_folded": bool(self.folded_batchnorms),
+                "cross_layer_equalization": (
+                    {"iterations": self.cross_layer_equalization, "pairs": len(self.equalized_pairs)}
+                    if self.cross_layer_equalization
+                    else None
+                ),
+            },
         )
         pl_module.log("calib/num_images", float(total))
         pl_module.log("calib/max_images_per_rank", float(max(per_rank)))

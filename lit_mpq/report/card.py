@@ -160,6 +160,7 @@ def build_card(
     training: Mapping[str, Any] | None = None,
     analog_noise: Mapping[str, Any] | None = None,
     target: str = "lenient",
+    cross_layer_equalization: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The quantization card of a run, as plain data ready for YAML or JSON.
 
@@ -206,6 +207,8 @@ def build_card(
         analog_noise: Settings of the analog noise the evaluation ran with (``AnalogNoise``: model, sigma, mean
             energy per MAC, allocated or uniform), or ``None`` for a noise-free evaluation.
         target: The hardware target's name (:mod:`lit_mpq.quant.targets`); the card records all its fields.
+        cross_layer_equalization: ``{iterations, pairs}`` of the cross-layer equalization before quantization, or
+            ``None`` when it did not run.
 
     Returns:
         The card: an ordered dict of plain values (see the module docstring for the sections).
@@ -247,6 +250,7 @@ def build_card(
             "ranking_refinement": dict(ranking_refinement) if ranking_refinement else None,
         },
         "batchnorm_folding": batchnorm_folding_text(bn_folded, weight_granularity),
+        "cross_layer_equalization": dict(cross_layer_equalization) if cross_layer_equalization else None,
         "calibration": {
             "images": calibration_images,
             "seed": calibration_seed,

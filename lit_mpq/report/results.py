@@ -127,6 +127,7 @@ def run_card(
         training=record.training.get("settings") if record.training else None,
         analog_noise=record.analog.get("settings") if record.analog else None,
         target=settings.get("target", "lenient"),
+        cross_layer_equalization=settings.get("cross_layer_equalization"),
     )
 
 

@@ -153,6 +153,7 @@ def test_the_record_and_the_logged_count_give_the_calibration_set_size(calibrate
         "ptf_max_shift": 3,
         "target": "lenient",
         "bn_folded": False,  # no Export callback: not folded by default
+        "cross_layer_equalization": None,
     }
     assert float(calibrated.trainer.callback_metrics["calib/num_images"]) == CALIB
     assert float(calibrated.trainer.callback_metrics["calib/max_images_per_rank"]) == CALIB
@@ -259,3 +260,29 @@ def test_the_4_bit_vit_recipe_is_wired_from_the_callback_settings():
     assert softmax and all(isinstance(q, LogQuantizer) and q.underflow == "mean" for q in softmax)
     with pytest.raises(ValueError, match="post_layernorm"):
         Calibration(post_layernorm="reparam_percentile")
+
+
+# ------------------------------------------------------------------------------------ cross-layer equalization
+def test_cross_layer_equalization_keeps_the_float_model_and_is_recorded(tmp_path):
+    """The digits CNN: conv1 → ReLU → conv2 → ReLU → max-pool → conv3 → ReLU → pool → fc, three pairs."""
+    datamodule, module = digits(), new_module()
+    callback = Calibration(cross_layer_equalization=5)
+    new_trainer(tmp_path, callback).validate(module, datamodule, verbose=False)
+    assert callback.equalized_pairs == [("conv1", "conv2"), ("conv2", "conv3"), ("conv3", "fc")]
+    assert callback.folded_batchnorms  # equalization folds BatchNorm first
+    assert module.record.calibration.settings["cross_layer_equalization"] == {"iterations": 5, "pairs": 3}
+    datamodule.setup("validate")
+    images = torch.cat([x for x, _ in datamodule.val_dataloader()])
+    with torch.no_grad():  # the quantizers are off after calibration: the equalized model is the float one
+        torch.testing.assert_close(module(images), float_model()(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [-1, True])
+def test_a_bad_equalization_count_is_refused(bad):
+    with pytest.raises(ValueError, match="number of iterations"):
+        Calibration(cross_layer_equalization=bad)
+
+
+def test_equalization_without_folding_is_refused():
+    with pytest.raises(ValueError, match="BatchNorm folded first"):
+        Calibration(cross_layer_equalization=20, fold_batchnorm=False)

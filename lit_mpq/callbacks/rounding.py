@@ -52,7 +52,9 @@ class WeightRounding(Callback):
 
     Args:
         method: ``"gptq"`` (Frantar et al., ICLR 2023), ``"gpfq"`` (Lybrand and Saab 2021; Zhang, Zhou and Saab
-            2023) or ``"nearest"`` (no data-driven rounding: a switch for sweeps and ablations).
+            2023), ``"adaround"`` (Nagel et al., ICML 2020: each weight learns to round up or down on the float
+            network's outputs, :mod:`lit_mpq.rounding.adaround`) or ``"nearest"`` (no data-driven rounding: a switch
+            for sweeps and ablations).
         upstream: What feeds each layer while its statistics are collected: ``"quantized"`` (the methods as
             published: the already rounded network) or ``"float"`` (the float network with only the layer's own input
             quantized; every layer's rounding then depends on its own widths only, which a sweep reuses).
@@ -69,6 +71,10 @@ class WeightRounding(Callback):
             method's objective (:mod:`lit_mpq.rounding.scale_fit`), each followed by ``refine_passes`` of coordinate
             descent on the refitted grid; 0 (default) keeps the weight quantizer's grid. A refitted weight is off
             the quantizer's grid, so ``lit_mpq.deploy`` refuses to pack it.
+        adaround_iterations: AdaRound's Adam steps per layer (the paper's 10,000 by default; each is one product of
+            the layer's weight with its input Gram matrix, not a pass over the images).
+        adaround_regularization: AdaRound's ``λ``, the weight of the term that drives every weight to round up or
+            down (the paper's 0.01).
 
     Raises:
         ValueError: On an unknown method or upstream, a negative ``damp``, a non-positive ``num_samples`` or
@@ -87,6 +93,8 @@ class WeightRounding(Callback):
         alphabet_scalar: float | None = None,
         refine_passes: int = 0,
         scale_fit: int = 0,
+        adaround_iterations: int = 10000,
+        adaround_regularization: float = 0.01,
     ) -> None:
         if num_samples is not None and (isinstance(num_samples, bool) or num_samples <= 0):
             raise ValueError(f"WeightRounding.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -99,6 +107,8 @@ class WeightRounding(Callback):
             alphabet_scalar=alphabet_scalar,
             refine_passes=refine_passes,
             scale_fit=scale_fit,
+            adaround_iterations=adaround_iterations,
+            adaround_regularization=adaround_regularization,
         )
         self.num_samples = num_samples
         self.cache = RoundingCache()
@@ -138,8 +148,8 @@ class WeightRounding(Callback):
             layers=[dataclasses.asdict(layer) for layer in layers],
         )
         pl_module.log("time/rounding_s", seconds)
-        if self.settings.method == "gpfq":
-            warn_on_drift(layers)
+        if self.settings.method in ("gpfq", "adaround"):
+            warn_on_drift(layers, self.settings.method)
         if layers:
             rounded = [layer for layer in layers if layer.error_nearest > 0]
             if rounded:
@@ -147,14 +157,15 @@ class WeightRounding(Callback):
                 pl_module.log("rounding/mean_error_ratio", ratio)
 
 
-def warn_on_drift(layers: list[LayerRounding]) -> None:
-    """Warn when GPFQ rounded layers whose quantized inputs drifted far from the float ones (``GPFQ_DRIFT_WARNING``)."""
+def warn_on_drift(layers: list[LayerRounding], method: str = "gpfq") -> None:
+    """Warn when a float-target method (GPFQ, AdaRound) rounded layers whose inputs drifted far from the float ones."""
     drifted = [layer for layer in layers if layer.input_drift is not None and layer.input_drift > GPFQ_DRIFT_WARNING]
     if drifted:
         worst = max(drifted, key=lambda layer: layer.input_drift)
+        name = {"gpfq": "GPFQ", "adaround": "AdaRound"}.get(method, method)
         rank_zero_warn(
-            f"GPFQ: the quantized network's inputs to {len(drifted)} of {len(layers)} layers are far from the float "
-            f"network's (input drift above {GPFQ_DRIFT_WARNING}; worst {worst.name}: {worst.input_drift:.2f}). GPFQ "
+            f"{name}: the quantized network's inputs to {len(drifted)} of {len(layers)} layers are far from the float "
+            f"network's (input drift above {GPFQ_DRIFT_WARNING}; worst {worst.name}: {worst.input_drift:.2f}). {name} "
             "fits the float outputs from them and can lose accuracy here (DeiT-Tiny at 4-bit activations: 12.5 % "
             "against 71.2 % with GPTQ): compare with nearest rounding, or use method: gptq, or give activations more "
             "bits"

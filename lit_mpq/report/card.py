@@ -58,6 +58,7 @@ BIAS_CORRECTION = " + bias correction"
 ROUNDING_METHODS = {
     "gptq": "GPTQ (Frantar et al., ICLR 2023)",
     "gpfq": "GPFQ (Lybrand and Saab, JMLR 2021; Zhang, Zhou and Saab, SIMODS 2023)",
+    "adaround": "AdaRound (Nagel et al., ICML 2020), pre-activation reconstruction",
 }
 
 

@@ -1,4 +1,4 @@
-"""Round every weight layer of a fake-quantized model, layer by layer, with GPTQ or GPFQ.
+"""Round every weight layer of a fake-quantized model, layer by layer, with GPTQ, GPFQ or AdaRound.
 
 :func:`round_model` walks the weight layers in the order the forward pass calls them. For each layer it collects, over
 the calibration images, the second moments of the layer's inputs as its integer kernel sees them (after the layer's
@@ -37,6 +37,7 @@ from lit_mpq.quant.apply import current_modes, quant_layers, set_mode
 from lit_mpq.quant.functional import quant_range
 from lit_mpq.quant.modules import QuantLayerMixin, QuantLinear, is_quant_layer
 from lit_mpq.quant.weights import weight_qparams
+from lit_mpq.rounding.adaround import adaround
 from lit_mpq.rounding.gpfq import gpfq_round, median_alphabet_scale
 from lit_mpq.rounding.gptq import gptq_round
 from lit_mpq.rounding.grid import Grid, as_groups
@@ -44,7 +45,9 @@ from lit_mpq.rounding.lockstep import Lockstep
 from lit_mpq.rounding.refine import coordinate_descent
 from lit_mpq.rounding.scale_fit import fit_scales
 
-METHODS = ("nearest", "gptq", "gpfq")
+METHODS = ("nearest", "gptq", "gpfq", "adaround")
+# Methods that fit the float network's outputs (asymmetric reconstruction): they need the float network's inputs too.
+FLOAT_TARGET_METHODS = ("gpfq", "adaround")
 UPSTREAM = ("quantized", "float")
 
 Reduce = Callable[[Tensor], Tensor]
@@ -55,7 +58,7 @@ class RoundingSettings:
     """How weights are rounded; recorded in the quantization card.
 
     Attributes:
-        method: ``"nearest"``, ``"gptq"`` or ``"gpfq"``.
+        method: ``"nearest"``, ``"gptq"``, ``"gpfq"`` or ``"adaround"``.
         upstream: ``"quantized"`` or ``"float"`` (see the module docstring).
         damp: GPTQ dampening, a fraction of the mean Hessian diagonal.
         block_size: Columns per block update (GPTQ's lazy batches; GPFQ's matrix-product blocks).
@@ -67,6 +70,8 @@ class RoundingSettings:
         scale_fit: Rounds of refitting each output row's scale to the rounded codes by least squares on the method's
             objective (:mod:`lit_mpq.rounding.scale_fit`), each followed by ``refine_passes`` of coordinate descent
             on the refitted grid; 0 keeps the weight quantizer's grid (computed from the original weight).
+        adaround_iterations: AdaRound's Adam steps per layer (:mod:`lit_mpq.rounding.adaround`; the paper: 10,000).
+        adaround_regularization: AdaRound's ``λ`` (the paper: 0.01).
     """
 
     method: str = "nearest"
@@ -77,6 +82,8 @@ class RoundingSettings:
     alphabet_scalar: float | None = None
     refine_passes: int = 0
     scale_fit: int = 0
+    adaround_iterations: int = 10000
+    adaround_regularization: float = 0.01
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -93,6 +100,13 @@ class RoundingSettings:
             raise ValueError(f"rounding refine_passes must be an integer >= 0, got {self.refine_passes!r}")
         if not (isinstance(self.scale_fit, int) and self.scale_fit >= 0):
             raise ValueError(f"rounding scale_fit must be an integer >= 0, got {self.scale_fit!r}")
+        if not (isinstance(self.adaround_iterations, int) and self.adaround_iterations >= 1):
+            raise ValueError(
+                f"rounding adaround_iterations must be a positive integer (the paper: 10000), got "
+                f"{self.adaround_iterations!r}"
+            )
+        if not (isinstance(self.adaround_regularization, int | float) and self.adaround_regularization >= 0):
+            raise ValueError(f"rounding adaround_regularization must be >= 0, got {self.adaround_regularization!r}")
         if self.alphabet_scalar is not None and self.method != "gpfq":
             raise ValueError("rounding alphabet_scalar is GPFQ's alphabet rule; set method: gpfq or leave it null")
 
@@ -259,8 +273,9 @@ def im2col(
 class _Moments:
     """Running sums over the calibration inputs of one layer, float64.
 
-    ``gram = X~ᵀ X~``; for GPFQ also ``cross = X~ᵀ X`` and ``float_energy = ||W X||²`` (the float output's energy,
-    for the relative error: cheaper from the outputs than from a third ``columns × columns`` matrix).
+    ``gram = X~ᵀ X~``; for GPFQ and AdaRound also ``cross = X~ᵀ X`` and ``float_energy = ||W X||²`` (the float
+    output's energy, for the relative error: cheaper from the outputs than from a third ``columns × columns`` matrix);
+    ``samples``, the input columns summed (images × output positions).
     """
 
     def __init__(self, with_cross: bool, weight: Tensor) -> None:
@@ -269,9 +284,11 @@ class _Moments:
         self.gram: Tensor | None = None
         self.cross: Tensor | None = None
         self.float_energy = torch.zeros((), dtype=torch.float64, device=weight.device)
+        self.samples = torch.zeros((), dtype=torch.float64, device=weight.device)
 
     def add(self, quantized: Tensor, float_: Tensor | None) -> None:
         q = quantized.float()
+        self.samples += q.shape[1]
         gram = (q.transpose(1, 2) @ q).double()
         self.gram = gram if self.gram is None else self.gram + gram
         if self.with_cross:
@@ -280,13 +297,15 @@ class _Moments:
             self.cross = cross if self.cross is None else self.cross + cross
             self.float_energy += (f @ self.weight.transpose(1, 2)).double().square().sum()
 
-    def reduced(self, reduce: Reduce | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def reduced(self, reduce: Reduce | None) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+        """``(gram, cross, float_energy, samples)``, summed over ranks when ``reduce`` is given."""
         energy = self.float_energy if self.with_cross else None
         if reduce is None:
-            return self.gram, self.cross, energy
+            return self.gram, self.cross, energy, int(self.samples)
+        samples = int(reduce(self.samples.clone()))
         if self.cross is None:
-            return reduce(self.gram), None, None
-        return reduce(self.gram), reduce(self.cross), reduce(energy)
+            return reduce(self.gram), None, None, samples
+        return reduce(self.gram), reduce(self.cross), reduce(energy), samples
 
 
 def _capture(model: nn.Module, layers: dict[str, nn.Module], x: Tensor, stop: bool) -> dict[str, list[Tensor]]:
@@ -466,26 +485,37 @@ class _Work:
         weight = as_groups(target, getattr(layer, "groups", 1))
         order = column_order(layer)
         # The moments are summed in the columns' own (tap-major) order and put in kernel order once, at the end.
-        moments = _Moments(settings.method == "gpfq", weight if order is None else weight[:, :, torch.argsort(order)])
+        float_target = settings.method in FLOAT_TARGET_METHODS
+        moments = _Moments(float_target, weight if order is None else weight[:, :, torch.argsort(order)])
         with torch.no_grad():
             for i, raw in enumerate(quantized_inputs):
                 q_cols = input_columns(layer, kernel_input(layer, raw, quantize=a_bits is not None))
                 f_cols = None
-                if settings.method == "gpfq":
+                if float_target:
                     f_cols = input_columns(layer, kernel_input(layer, float_inputs[i], quantize=False))
                 moments.add(q_cols, f_cols)
-        gram, cross, float_energy = moments.reduced(self.reduce)
+        gram, cross, float_energy, samples = moments.reduced(self.reduce)
         if order is not None:
             order = order.to(gram.device)
             gram = gram[:, order][:, :, order]
             cross = None if cross is None else cross[:, order][:, :, order]
         grid = _grid(layer, target, bits, settings).to(weight.device)
+        if settings.refine_passes or settings.scale_fit or settings.method == "adaround":
+            linear, quadratic = method_objective(settings, weight, gram, cross)
         if settings.method == "gptq":
             rounded = gptq_round(weight, gram, grid, settings.damp, settings.block_size, settings.act_order)
-        else:
+        elif settings.method == "gpfq":
             rounded = gpfq_round(weight, cross, gram, grid, settings.block_size)
-        if settings.refine_passes or settings.scale_fit:
-            linear, quadratic = method_objective(settings, weight, gram, cross)
+        else:
+            rounded = adaround(
+                weight,
+                linear,
+                quadratic,
+                grid,
+                samples,
+                settings.adaround_iterations,
+                settings.adaround_regularization,
+            )
         if settings.refine_passes:
             rounded = coordinate_descent(rounded, linear, quadratic, grid, settings.refine_passes)
         if settings.scale_fit:  # the grid then follows the rounded codes: off the weight quantizer's own grid
@@ -513,10 +543,10 @@ def method_objective(
 ) -> tuple[Tensor, Tensor]:
     """``(b, B)`` of the method's objective ``qᵀ B q - 2 qᵀ b`` (:mod:`lit_mpq.rounding.refine`), float64.
 
-    GPFQ: ``b = X~ᵀ X w``, ``B = X~ᵀ X~``. GPTQ: ``B = H`` dampened as GPTQ dampens it, ``b = H w``.
+    GPFQ and AdaRound: ``b = X~ᵀ X w``, ``B = X~ᵀ X~``. GPTQ: ``B = H`` dampened as GPTQ dampens it, ``b = H w``.
     """
     w, gram = weight.double(), gram.double()
-    if settings.method == "gpfq":
+    if settings.method in FLOAT_TARGET_METHODS:
         return w @ cross.double().transpose(1, 2), gram
     hessian = gram.clone()
     diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1)
@@ -541,7 +571,7 @@ def _round_in_lockstep(
 ) -> None:
     """Round ``layers`` in one forward pass over ``batches`` (:class:`~lit_mpq.rounding.lockstep.Lockstep`)."""
     settings = work.settings
-    needs_float = settings.method == "gpfq" or settings.upstream == "float"
+    needs_float = settings.method in FLOAT_TARGET_METHODS or settings.upstream == "float"
     with contextlib.ExitStack() as stack:
         float_walk = quantized_walk = None
         if needs_float:
@@ -576,7 +606,7 @@ def _round_by_partial_passes(
     :class:`~lit_mpq.rounding.lockstep.Lockstep` cannot pause at.
     """
     settings = work.settings
-    needs_float = settings.method == "gpfq" or settings.upstream == "float"
+    needs_float = settings.method in FLOAT_TARGET_METHODS or settings.upstream == "float"
     for name in keys:
         layer = layers.get(name)
         if layer is None:

@@ -170,7 +170,7 @@ def test_lockstep_walk_equals_a_pass_per_layer_on_grouped_and_depthwise_convolut
         torch.testing.assert_close(a.weight_quantizer.rounded[4][1], b.weight_quantizer.rounded[4][1], msg=name)
 
 
-@pytest.mark.parametrize("method", ["gptq", "gpfq"])
+@pytest.mark.parametrize("method", ["gptq", "gpfq", "adaround"])
 def test_rounding_lowers_the_networks_output_error_and_stays_on_the_grid(method):
     generator = torch.Generator().manual_seed(4)
     batches = [torch.randn(16, 3, 8, 8, generator=generator) for _ in range(4)]
@@ -180,7 +180,7 @@ def test_rounding_lowers_the_networks_output_error_and_stays_on_the_grid(method)
     with torch.no_grad():
         reference = float_model(x)
         nearest_error = (model(x) - reference).norm()
-        records = round_model(model, batches, RoundingSettings(method=method))
+        records = round_model(model, batches, RoundingSettings(method=method, adaround_iterations=1000))
         rounded_error = (model(x) - reference).norm()
     assert rounded_error < 0.8 * nearest_error
     assert [r.name for r in records] == ["stem", "depthwise", "grouped", "head"]
@@ -288,7 +288,11 @@ def test_im2col_equals_unfold():
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="rounding method must be one of"):
-        RoundingSettings(method="adaround")
+        RoundingSettings(method="brecq")
+    with pytest.raises(ValueError, match="adaround_iterations must be a positive integer"):
+        RoundingSettings(method="adaround", adaround_iterations=0)
+    with pytest.raises(ValueError, match="adaround_regularization must be >= 0"):
+        RoundingSettings(method="adaround", adaround_regularization=-0.1)
     with pytest.raises(ValueError, match="upstream must be one of"):
         RoundingSettings(upstream="both")
     with pytest.raises(ValueError, match="alphabet_scalar is GPFQ's"):

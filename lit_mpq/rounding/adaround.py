@@ -24,7 +24,15 @@ from torch import Tensor
 
 from lit_mpq.rounding.grid import Grid
 
-__all__ = ["GAMMA", "ZETA", "adaround", "beta_schedule", "rectified_sigmoid", "rounding_regularizer"]
+__all__ = [
+    "GAMMA",
+    "ZETA",
+    "adaround",
+    "beta_schedule",
+    "offset_gradient",
+    "rectified_sigmoid",
+    "rounding_regularizer",
+]
 
 ZETA = 1.1
 GAMMA = -0.1
@@ -94,8 +102,8 @@ def adaround(
             f"AdaRound needs iterations >= 1, samples >= 1, regularization >= 0 and 0 <= warm_start < 1; got "
             f"{iterations}, {samples}, {regularization}, {warm_start}"
         )
-    # validate() runs in inference mode, whose tensors autograd cannot record: work on ordinary copies.
-    with torch.inference_mode(False), torch.enable_grad():
+    # validate() runs in inference mode, whose tensors an optimizer cannot update in place: work on ordinary copies.
+    with torch.inference_mode(False):
         return _train_offsets(
             weight.float().clone(),
             linear.float().clone(),
@@ -110,6 +118,37 @@ def adaround(
             warm_start,
             learning_rate,
         )
+
+
+def offset_gradient(
+    v: Tensor,
+    floor: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    levels: tuple[int, int],
+    b_matrix: Tensor,
+    b_vector: Tensor,
+    regularization: float,
+    beta: float | None,
+) -> Tensor:
+    """The gradient in ``V`` of ``qᵀ B q - 2 qᵀ b + λ Σ (1 - |2h(V) - 1|^β)``, ``q = s·(clamp(floor + h(V) + z) - z)``.
+
+    Written out (``dq/dh = s`` inside the grid's range, 0 where the clamp holds; ``dh/dV = (ζ - γ) σ(1 - σ)`` where the
+    rectified sigmoid is strictly between 0 and 1, 0 where it is clipped) so that each of the many small steps costs a
+    few tensor operations and no autograd graph; ``B`` must be symmetric. ``beta`` None: no regularizer (warm start).
+    """
+    sigmoid = torch.sigmoid(v)
+    stretched = sigmoid * (ZETA - GAMMA) + GAMMA
+    offset = stretched.clamp(0.0, 1.0)
+    level = floor + offset + zero_point
+    inside = (level > levels[0]) & (level < levels[1])
+    q = (level.clamp(levels[0], levels[1]) - zero_point) * scale
+    grad_h = 2 * (q @ b_matrix - b_vector) * scale * inside
+    if beta is not None:
+        centred = 2 * offset - 1
+        grad_h = grad_h - regularization * beta * centred.abs().pow(beta - 1) * torch.sign(centred) * 2
+    d_offset = (ZETA - GAMMA) * sigmoid * (1 - sigmoid) * ((stretched > 0) & (stretched < 1))
+    return grad_h * d_offset
 
 
 def _train_offsets(
@@ -129,22 +168,14 @@ def _train_offsets(
     floor = torch.floor(w / scale)
     fraction = (w / scale - floor).clamp(1e-4, 1 - 1e-4)
     # V such that h(V) is the weight's own fractional part: training starts from the float weight.
-    v = torch.log((fraction - GAMMA) / (ZETA - fraction)).requires_grad_(True)
+    v = torch.log((fraction - GAMMA) / (ZETA - fraction))
     b_matrix, b_vector = b_matrix / norm, b_vector / norm
-
-    def dequantized(offset: Tensor) -> Tensor:
-        level = torch.clamp(floor + offset + zero_point, levels[0], levels[1])
-        return (level - zero_point) * scale
-
+    b_matrix = (b_matrix + b_matrix.transpose(1, 2)) / 2  # symmetric to the last bit, as the gradient assumes
     optimizer = torch.optim.Adam([v], lr=learning_rate)
-    for iteration in range(iterations):
-        q = dequantized(rectified_sigmoid(v))
-        loss = ((q @ b_matrix) * q).sum() - 2 * (q * b_vector).sum()
-        beta = beta_schedule(iteration, iterations, warm_start, beta_range)
-        if beta is not None:
-            loss = loss + regularization * rounding_regularizer(v, beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
     with torch.no_grad():
-        return dequantized((v >= 0).float()).double()
+        for iteration in range(iterations):
+            beta = beta_schedule(iteration, iterations, warm_start, beta_range)
+            v.grad = offset_gradient(v, floor, scale, zero_point, levels, b_matrix, b_vector, regularization, beta)
+            optimizer.step()
+        level = torch.clamp(floor + (v >= 0).float() + zero_point, levels[0], levels[1])
+        return ((level - zero_point) * scale).double()

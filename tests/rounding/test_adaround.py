@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from lit_mpq.rounding.adaround import adaround, beta_schedule, rectified_sigmoid, rounding_regularizer
+from lit_mpq.rounding.adaround import (
+    adaround,
+    beta_schedule,
+    offset_gradient,
+    rectified_sigmoid,
+    rounding_regularizer,
+)
 from lit_mpq.rounding.grid import Grid
 from lit_mpq.rounding.refine import quadratic_objective
 
@@ -91,3 +97,20 @@ def test_bad_shapes_and_settings_are_refused():
         adaround(weight, linear[:, :2], quadratic, grid, samples)
     with pytest.raises(ValueError, match="iterations >= 1"):
         adaround(weight, linear, quadratic, grid, samples, iterations=0)
+
+
+@pytest.mark.parametrize("beta", [None, 2.0, 12.5])
+def test_the_written_out_gradient_equals_autograds(beta):
+    weight, linear, quadratic, grid, _ = correlated_problem(3)
+    scale, zero_point = grid.scale.unsqueeze(-1), grid.zero_point.unsqueeze(-1)
+    floor = torch.floor(weight / scale)
+    # Offsets spread over the whole range, some clipped by the rectified sigmoid, some levels clamped by the grid.
+    v = torch.linspace(-4, 4, weight.numel(), dtype=torch.float64).reshape(weight.shape).requires_grad_(True)
+    level = torch.clamp(floor + rectified_sigmoid(v) + zero_point, grid.qmin, grid.qmax)
+    q = (level - zero_point) * scale
+    loss = ((q @ quadratic) * q).sum() - 2 * (q * linear).sum()
+    if beta is not None:
+        loss = loss + 0.3 * rounding_regularizer(v, beta)
+    (expected,) = torch.autograd.grad(loss, v)
+    got = offset_gradient(v.detach(), floor, scale, zero_point, (grid.qmin, grid.qmax), quadratic, linear, 0.3, beta)
+    torch.testing.assert_close(got, expected)

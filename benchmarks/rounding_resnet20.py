@@ -1,7 +1,8 @@
 """Benchmark: lit_mpq's GPTQ and GPFQ against Brevitas' on the shared CIFAR-10 ResNet-20, side by side in one run.
 
 For each setting of ``shared/reference/peer_results_resnet20.md`` (W4A8, W4A4 with the first and last layer at 8
-bits, W4A4 everywhere, W3A8) and each method (nearest, + bias correction, GPTQ, GPFQ), lit_mpq runs
+bits, W4A4 everywhere, W3A8) and each method (nearest, + bias correction, GPTQ, GPFQ; AdaRound on lit_mpq's side
+only), lit_mpq runs
 ``configs/resnet20_cifar10.yaml``'s pipeline (calibration on the first 512 lossless training images, per-channel
 min/max weights, per-tensor MSE activation ranges, top-1 on the 1,000 lossless test images) with
 ``Uniform(w, a)``, ``first_last_bits`` and a ``WeightRounding`` callback; then, in the same run, Brevitas 0.13.4
@@ -12,7 +13,7 @@ every layer's pass over the 512 calibration images::
 
     bash benchmarks/peers/setup_brevitas.sh   # once
     python benchmarks/rounding_resnet20.py [--settings w4a8 w4a4 w4a4_all w3a8] [--methods nearest bias_corr gptq gpfq]
-        [--gpfq-refine-passes N] [--gpfq-scale-fit N] [--equalization N] [--no-peer]
+        [--gpfq-refine-passes N] [--gpfq-scale-fit N] [--equalization N] [--adaround-iterations N] [--no-peer]
 
 The two runs alternate per setting (lit_mpq's rows, then Brevitas'), so both see the same load on this shared
 machine. Run from the repository root.
@@ -44,7 +45,8 @@ CONFIG = "configs/resnet20_cifar10.yaml"
 PEER_PYTHON = Path("benchmarks/peers/.venv-brevitas/bin/python")
 PEER_SCRIPT = Path("benchmarks/peers/brevitas_resnet20.py")
 SETTINGS = {"w4a8": (4, 8, 8), "w4a4": (4, 4, 8), "w4a4_all": (4, 4, None), "w3a8": (3, 8, 8)}
-METHODS = ("nearest", "bias_corr", "gptq", "gpfq")
+METHODS = ("nearest", "bias_corr", "gptq", "gpfq", "adaround")
+PEER_METHODS = ("nearest", "bias_corr", "gptq", "gpfq")  # Brevitas' example has no AdaRound row here
 
 
 def lit_mpq_row(
@@ -54,11 +56,13 @@ def lit_mpq_row(
     gpfq_refine_passes: int = 0,
     gpfq_scale_fit: int = 0,
     equalization: int = 0,
+    adaround_iterations: int = 10000,
 ) -> dict:
     """One lit_mpq ``validate``: top-1 and the rounding time.
 
     ``gpfq_*``: GPFQ's refinement passes and scale fits; ``equalization``: iterations of cross-layer equalization
-    (BatchNorm then folded; 0: off, BatchNorm left as the config has it).
+    (BatchNorm then folded; 0: off, BatchNorm left as the config has it); ``adaround_iterations``: AdaRound's steps
+    per layer.
     """
     w_bits, a_bits, first_last = SETTINGS[setting]
     cli = cli_main(quiet_run_args(CONFIG, out), run=False)
@@ -66,13 +70,14 @@ def lit_mpq_row(
     for position, callback in enumerate(list(callbacks)):
         if isinstance(callback, BitAllocator):
             callback.policy, callback.first_last_bits = Uniform(w_bits, a_bits), first_last
-            rounding = method if method in ("gptq", "gpfq") else "nearest"
+            rounding = method if method in ("gptq", "gpfq", "adaround") else "nearest"
             callbacks.insert(
                 position + 1,
                 WeightRounding(
                     method=rounding,
                     refine_passes=gpfq_refine_passes if rounding == "gpfq" else 0,
                     scale_fit=gpfq_scale_fit if rounding == "gpfq" else 0,
+                    adaround_iterations=adaround_iterations,
                 ),
             )
         if isinstance(callback, Calibration):
@@ -90,7 +95,7 @@ def lit_mpq_row(
         raise RuntimeError(f"per-image top-1 {top1:.2f} differs from the validation's {metrics['val/top1']:.2f}")
     return {
         "top1": top1,
-        "round_s": record.seconds if record is not None and method in ("gptq", "gpfq") else 0.0,
+        "round_s": record.seconds if record is not None and method in ("gptq", "gpfq", "adaround") else 0.0,
         "total_s": total_s,
         "correct": "".join("1" if c else "0" for c in correct.tolist()),
     }
@@ -135,7 +140,7 @@ def peer_rows(setting: str, methods: list[str]) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(PEER_METHODS))
     parser.add_argument(
         "--gpfq-refine-passes",
         type=int,
@@ -154,6 +159,9 @@ def main() -> None:
         default=0,
         help="iterations of cross-layer equalization before lit_mpq's rows (Calibration.cross_layer_equalization)",
     )
+    parser.add_argument(
+        "--adaround-iterations", type=int, default=10000, help="AdaRound's steps per layer (the paper's 10000)"
+    )
     parser.add_argument("--no-peer", action="store_true", help="lit_mpq's rows only (no Brevitas run)")
     parser.add_argument("--out", type=Path, default=Path("logs/benchmarks/rounding_resnet20"))
     args = parser.parse_args()
@@ -161,11 +169,18 @@ def main() -> None:
     for setting in args.settings:
         ours = {
             method: lit_mpq_row(
-                setting, method, args.out, args.gpfq_refine_passes, args.gpfq_scale_fit, args.equalization
+                setting,
+                method,
+                args.out,
+                args.gpfq_refine_passes,
+                args.gpfq_scale_fit,
+                args.equalization,
+                args.adaround_iterations,
             )
             for method in args.methods
         }
-        theirs = {} if args.no_peer else peer_rows(setting, list(args.methods))
+        peer_methods = [method for method in args.methods if method in PEER_METHODS]
+        theirs = {} if args.no_peer or not peer_methods else peer_rows(setting, peer_methods)
         for method in args.methods:
             peer = theirs.get(method, {})
             table.append((setting, method, ours[method], peer))

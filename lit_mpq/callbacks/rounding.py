@@ -75,6 +75,9 @@ class WeightRounding(Callback):
             the layer's weight with its input Gram matrix, not a pass over the images).
         adaround_regularization: AdaRound's ``λ``, the weight of the term that drives every weight to round up or
             down (the paper's 0.01).
+        adaround_target: ``"float"`` (the paper's: the float network's outputs from the quantized network's inputs)
+            or ``"quantized"`` (the layer's own output on its quantized inputs, GPTQ's objective: for ViTs at 4-bit
+            activations, whose inputs drift far from the float ones).
 
     Raises:
         ValueError: On an unknown method or upstream, a negative ``damp``, a non-positive ``num_samples`` or
@@ -95,6 +98,7 @@ class WeightRounding(Callback):
         scale_fit: int = 0,
         adaround_iterations: int = 10000,
         adaround_regularization: float = 0.01,
+        adaround_target: str = "float",
     ) -> None:
         if num_samples is not None and (isinstance(num_samples, bool) or num_samples <= 0):
             raise ValueError(f"WeightRounding.num_samples must be a positive integer or null (all), got {num_samples}")
@@ -109,6 +113,7 @@ class WeightRounding(Callback):
             scale_fit=scale_fit,
             adaround_iterations=adaround_iterations,
             adaround_regularization=adaround_regularization,
+            adaround_target=adaround_target,
         )
         self.num_samples = num_samples
         self.cache = RoundingCache()
@@ -148,7 +153,7 @@ class WeightRounding(Callback):
             layers=[dataclasses.asdict(layer) for layer in layers],
         )
         pl_module.log("time/rounding_s", seconds)
-        if self.settings.method in ("gpfq", "adaround"):
+        if self.settings.float_target:
             warn_on_drift(layers, self.settings.method)
         if layers:
             rounded = [layer for layer in layers if layer.error_nearest > 0]

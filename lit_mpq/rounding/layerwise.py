@@ -46,8 +46,7 @@ from lit_mpq.rounding.refine import coordinate_descent
 from lit_mpq.rounding.scale_fit import fit_scales
 
 METHODS = ("nearest", "gptq", "gpfq", "adaround")
-# Methods that fit the float network's outputs (asymmetric reconstruction): they need the float network's inputs too.
-FLOAT_TARGET_METHODS = ("gpfq", "adaround")
+ADAROUND_TARGETS = ("float", "quantized")
 UPSTREAM = ("quantized", "float")
 
 Reduce = Callable[[Tensor], Tensor]
@@ -72,6 +71,10 @@ class RoundingSettings:
             on the refitted grid; 0 keeps the weight quantizer's grid (computed from the original weight).
         adaround_iterations: AdaRound's Adam steps per layer (:mod:`lit_mpq.rounding.adaround`; the paper: 10,000).
         adaround_regularization: AdaRound's ``λ`` (the paper: 0.01).
+        adaround_target: What AdaRound reconstructs: ``"float"``, the float network's output from the quantized
+            network's inputs (the paper's asymmetric reconstruction, GPFQ's objective), or ``"quantized"``, the layer's
+            own float-weight output on its quantized inputs (GPTQ's objective, dampened as GPTQ dampens it), for
+            networks whose quantized inputs drift far from the float ones (ViTs at 4-bit activations).
     """
 
     method: str = "nearest"
@@ -84,6 +87,12 @@ class RoundingSettings:
     scale_fit: int = 0
     adaround_iterations: int = 10000
     adaround_regularization: float = 0.01
+    adaround_target: str = "float"
+
+    @property
+    def float_target(self) -> bool:
+        """Whether the objective is the float network's output (GPFQ, AdaRound's default): it needs float inputs."""
+        return self.method == "gpfq" or (self.method == "adaround" and self.adaround_target == "float")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -107,6 +116,10 @@ class RoundingSettings:
             )
         if not (isinstance(self.adaround_regularization, int | float) and self.adaround_regularization >= 0):
             raise ValueError(f"rounding adaround_regularization must be >= 0, got {self.adaround_regularization!r}")
+        if self.adaround_target not in ADAROUND_TARGETS:
+            raise ValueError(
+                f"rounding adaround_target must be one of {list(ADAROUND_TARGETS)}, got {self.adaround_target!r}"
+            )
         if self.alphabet_scalar is not None and self.method != "gpfq":
             raise ValueError("rounding alphabet_scalar is GPFQ's alphabet rule; set method: gpfq or leave it null")
 
@@ -485,7 +498,7 @@ class _Work:
         weight = as_groups(target, getattr(layer, "groups", 1))
         order = column_order(layer)
         # The moments are summed in the columns' own (tap-major) order and put in kernel order once, at the end.
-        float_target = settings.method in FLOAT_TARGET_METHODS
+        float_target = settings.float_target
         moments = _Moments(float_target, weight if order is None else weight[:, :, torch.argsort(order)])
         with torch.no_grad():
             for i, raw in enumerate(quantized_inputs):
@@ -543,10 +556,11 @@ def method_objective(
 ) -> tuple[Tensor, Tensor]:
     """``(b, B)`` of the method's objective ``qᵀ B q - 2 qᵀ b`` (:mod:`lit_mpq.rounding.refine`), float64.
 
-    GPFQ and AdaRound: ``b = X~ᵀ X w``, ``B = X~ᵀ X~``. GPTQ: ``B = H`` dampened as GPTQ dampens it, ``b = H w``.
+    GPFQ and AdaRound on the float target: ``b = X~ᵀ X w``, ``B = X~ᵀ X~``. GPTQ and AdaRound on the quantized target:
+    ``B = H`` dampened as GPTQ dampens it, ``b = H w``.
     """
     w, gram = weight.double(), gram.double()
-    if settings.method in FLOAT_TARGET_METHODS:
+    if settings.float_target:
         return w @ cross.double().transpose(1, 2), gram
     hessian = gram.clone()
     diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1)
@@ -571,7 +585,7 @@ def _round_in_lockstep(
 ) -> None:
     """Round ``layers`` in one forward pass over ``batches`` (:class:`~lit_mpq.rounding.lockstep.Lockstep`)."""
     settings = work.settings
-    needs_float = settings.method in FLOAT_TARGET_METHODS or settings.upstream == "float"
+    needs_float = settings.float_target or settings.upstream == "float"
     with contextlib.ExitStack() as stack:
         float_walk = quantized_walk = None
         if needs_float:
@@ -606,7 +620,7 @@ def _round_by_partial_passes(
     :class:`~lit_mpq.rounding.lockstep.Lockstep` cannot pause at.
     """
     settings = work.settings
-    needs_float = settings.method in FLOAT_TARGET_METHODS or settings.upstream == "float"
+    needs_float = settings.float_target or settings.upstream == "float"
     for name in keys:
         layer = layers.get(name)
         if layer is None:

@@ -299,3 +299,15 @@ def test_settings_are_checked():
         RoundingSettings(method="gptq", alphabet_scalar=2.0)
     with pytest.raises(ValueError, match="damp must be"):
         RoundingSettings(damp=-1)
+
+
+def test_adaround_on_the_quantized_target_lowers_each_layers_gptq_error():
+    batches = mlp_batches()
+    model = prepared(mlp(), batches[0][:1], batches, w_bits=3, a_bits=4)
+    settings = RoundingSettings(method="adaround", adaround_target="quantized", adaround_iterations=1000)
+    records = round_model(model, batches, settings)
+    assert [r.name for r in records] == ["fc1", "fc2", "fc3"]
+    assert all(r.input_drift is None for r in records)  # GPTQ's objective: the float network is never run
+    assert all(r.error_rounded < r.error_nearest for r in records)
+    with pytest.raises(ValueError, match="adaround_target must be one of"):
+        RoundingSettings(method="adaround", adaround_target="both")

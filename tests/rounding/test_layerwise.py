@@ -10,6 +10,7 @@ lockstep, or a pass per layer).
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -311,3 +312,59 @@ def test_adaround_on_the_quantized_target_lowers_each_layers_gptq_error():
     assert all(r.error_rounded < r.error_nearest for r in records)
     with pytest.raises(ValueError, match="adaround_target must be one of"):
         RoundingSettings(method="adaround", adaround_target="both")
+
+
+class ThreadAllReduce:
+    """A sum across ``ranks`` threads, each calling its own ``reducer(rank)`` in the same order (what DDP does)."""
+
+    def __init__(self, ranks: int) -> None:
+        self.barrier = threading.Barrier(ranks)
+        self.slots: list[torch.Tensor | None] = [None] * ranks
+
+    def reducer(self, rank: int):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = sum(self.slots[1:], self.slots[0].clone())  # the same order on every rank: identical sums
+            self.barrier.wait()
+            return total
+
+        return reduce
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        RoundingSettings(method="gptq"),
+        RoundingSettings(method="gpfq"),
+        RoundingSettings(method="adaround", adaround_iterations=500),
+        RoundingSettings(method="adaround", adaround_target="quantized", adaround_iterations=500),
+    ],
+    ids=["gptq", "gpfq", "adaround", "adaround_quantized_target"],
+)
+def test_two_ranks_each_rounding_half_the_images_hold_the_same_weights_as_one(settings):
+    batches = mlp_batches() + mlp_batches()[:1]  # four batches: two per rank
+    single = prepared(mlp(), batches[0][:1], batches, w_bits=3, a_bits=4)
+    ranks = [copy.deepcopy(single) for _ in range(2)]
+    round_model(single, batches, settings)
+    all_reduce = ThreadAllReduce(2)
+    errors: list[BaseException] = []
+
+    def rank_job(rank: int) -> None:
+        try:
+            round_model(ranks[rank], batches[2 * rank : 2 * rank + 2], settings, reduce=all_reduce.reducer(rank))
+        except BaseException as exc:  # surfaced below: a failing thread must fail the test
+            errors.append(exc)
+            all_reduce.barrier.abort()
+
+    threads = [threading.Thread(target=rank_job, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for name, layer in quant_layers(single).items():
+        rank0, rank1 = (quant_layers(model)[name].weight_quantizer.rounded[3][1] for model in ranks)
+        assert torch.equal(rank0, rank1), name  # every rank holds the same weights, bit for bit
+        # Against one process the sums differ only in their order (last bits of float64), which moves no weight here.
+        torch.testing.assert_close(rank0, layer.weight_quantizer.rounded[3][1], rtol=0, atol=1e-6, msg=name)

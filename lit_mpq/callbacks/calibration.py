@@ -83,9 +83,10 @@ class Calibration(Callback):
             run exports a model (an :class:`~lit_mpq.callbacks.Export` callback is in the trainer), otherwise not.
             A target that folds (``integer_only``) folds whatever this says, and refuses ``false``.
         cross_layer_equalization: Iterations of cross-layer equalization (Nagel et al., ICCV 2019;
-            :mod:`lit_mpq.quant.equalization`) after BatchNorm folding: each pair of layers joined by ReLUs only gets
-            equal per-channel weight ranges, the float function unchanged. 0 (default): off; 20 is Brevitas' choice.
-            Folds BatchNorm (refuses ``fold_batchnorm: false``); the card records the iterations and the pairs.
+            :mod:`lit_mpq.quant.equalization`) after BatchNorm folding: each pair of layers joined only by ReLU,
+            pooling or dropout gets equal per-channel weight ranges, the float function unchanged. 0 (default): off;
+            20 is Brevitas' choice. Folds BatchNorm (refuses ``fold_batchnorm: false``); the card records the
+            iterations and the pairs.
         target: The hardware target (:mod:`lit_mpq.quant.targets`): ``lenient`` (the inputs of convolutions,
             Linear layers and attention matmuls quantized; the default), ``integer_only`` (every activation tensor
             quantized: the operands of every residual add and the network output too, BatchNorm folded, weights
@@ -214,8 +215,8 @@ class Calibration(Callback):
         self.equalized_pairs = equalize_cross_layer(pl_module.model, probe, self.cross_layer_equalization)
         if not self.equalized_pairs:
             rank_zero_warn(
-                "Calibration: cross_layer_equalization found no pair of layers joined only by ReLUs (e.g. a ViT's "
-                "GELU or a ResNet's residual adds in between); the model is unchanged"
+                "Calibration: cross_layer_equalization found no pair of layers joined only by ReLU, pooling or dropout "
+                "(e.g. a ViT's GELU or a ResNet's residual adds in between); the model is unchanged"
             )
 
     @override

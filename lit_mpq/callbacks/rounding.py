@@ -52,9 +52,9 @@ class WeightRounding(Callback):
 
     Args:
         method: ``"gptq"`` (Frantar et al., ICLR 2023), ``"gpfq"`` (Lybrand and Saab 2021; Zhang, Zhou and Saab
-            2023), ``"adaround"`` (Nagel et al., ICML 2020: each weight learns to round up or down on the float
-            network's outputs, :mod:`lit_mpq.rounding.adaround`) or ``"nearest"`` (no data-driven rounding: a switch
-            for sweeps and ablations).
+            2023), ``"adaround"`` (Nagel et al., ICML 2020: each weight learns to round up or down, on the
+            objective ``adaround_target`` names, :mod:`lit_mpq.rounding.adaround`) or ``"nearest"`` (no data-driven
+            rounding: a switch for sweeps and ablations).
         upstream: What feeds each layer while its statistics are collected: ``"quantized"`` (the methods as
             published: the already rounded network) or ``"float"`` (the float network with only the layer's own input
             quantized; every layer's rounding then depends on its own widths only, which a sweep reuses).

@@ -12,7 +12,9 @@ quantized network's inputs, ``||W X - W~ X~||²``. It is a quadratic in ``W~`` p
 :mod:`lit_mpq.rounding.refine`), so each iteration costs a ``[rows, columns] × [columns, columns]`` product instead of
 a pass over the calibration images. Divided by the number of output elements it is the paper's mean squared error, the
 scale its ``λ = 0.01`` was chosen for. The paper also puts the layer's activation function inside the loss; a
-quadratic form cannot, so this is its pre-activation variant.
+quadratic form cannot, so this is its pre-activation variant. :func:`adaround` takes any such ``(b, B)``: the caller
+(:mod:`lit_mpq.rounding.layerwise`) also offers GPTQ's objective, ``B = H = X~ᵀ X~`` dampened and ``b = H w``,
+the layer's own output on its quantized inputs.
 """
 
 from __future__ import annotations
@@ -103,21 +105,25 @@ def adaround(
             f"{iterations}, {samples}, {regularization}, {warm_start}"
         )
     # validate() runs in inference mode, whose tensors an optimizer cannot update in place: work on ordinary copies.
-    with torch.inference_mode(False):
-        return _train_offsets(
-            weight.float().clone(),
-            linear.float().clone(),
-            quadratic.float().clone(),
-            grid.scale.unsqueeze(-1).float().clone(),
-            grid.zero_point.unsqueeze(-1).float().clone(),
-            (grid.qmin, grid.qmax),
-            float(samples * rows * groups),
-            iterations,
-            regularization,
-            beta_range,
-            warm_start,
-            learning_rate,
-        )
+    with torch.inference_mode(False), torch.no_grad():
+        scale = grid.scale.unsqueeze(-1).float().clone()
+        zero_point = grid.zero_point.unsqueeze(-1).float().clone()
+        levels = (grid.qmin, grid.qmax)
+        norm = float(samples * rows * groups)
+        b_matrix, b_vector = quadratic.float() / norm, linear.float() / norm
+        b_matrix = (b_matrix + b_matrix.transpose(1, 2)) / 2  # symmetric to the last bit, as the gradient assumes
+        w = weight.float()
+        floor = torch.floor(w / scale)
+        fraction = (w / scale - floor).clamp(1e-4, 1 - 1e-4)
+        # V such that h(V) is the weight's own fractional part: training starts from the float weight.
+        v = torch.log((fraction - GAMMA) / (ZETA - fraction))
+        optimizer = torch.optim.Adam([v], lr=learning_rate)
+        for iteration in range(iterations):
+            beta = beta_schedule(iteration, iterations, warm_start, beta_range)
+            v.grad = offset_gradient(v, floor, scale, zero_point, levels, b_matrix, b_vector, regularization, beta)
+            optimizer.step()
+        level = torch.clamp(floor + (v >= 0).float() + zero_point, *levels)
+        return ((level - zero_point) * scale).double()
 
 
 def offset_gradient(
@@ -149,33 +155,3 @@ def offset_gradient(
         grad_h = grad_h - regularization * beta * centred.abs().pow(beta - 1) * torch.sign(centred) * 2
     d_offset = (ZETA - GAMMA) * sigmoid * (1 - sigmoid) * ((stretched > 0) & (stretched < 1))
     return grad_h * d_offset
-
-
-def _train_offsets(
-    w: Tensor,
-    b_vector: Tensor,
-    b_matrix: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    levels: tuple[int, int],
-    norm: float,
-    iterations: int,
-    regularization: float,
-    beta_range: tuple[float, float],
-    warm_start: float,
-    learning_rate: float,
-) -> Tensor:
-    floor = torch.floor(w / scale)
-    fraction = (w / scale - floor).clamp(1e-4, 1 - 1e-4)
-    # V such that h(V) is the weight's own fractional part: training starts from the float weight.
-    v = torch.log((fraction - GAMMA) / (ZETA - fraction))
-    b_matrix, b_vector = b_matrix / norm, b_vector / norm
-    b_matrix = (b_matrix + b_matrix.transpose(1, 2)) / 2  # symmetric to the last bit, as the gradient assumes
-    optimizer = torch.optim.Adam([v], lr=learning_rate)
-    with torch.no_grad():
-        for iteration in range(iterations):
-            beta = beta_schedule(iteration, iterations, warm_start, beta_range)
-            v.grad = offset_gradient(v, floor, scale, zero_point, levels, b_matrix, b_vector, regularization, beta)
-            optimizer.step()
-        level = torch.clamp(floor + (v >= 0).float() + zero_point, levels[0], levels[1])
-        return ((level - zero_point) * scale).double()
